@@ -1,0 +1,226 @@
+//! Hostile input: image names, job ids, `current` links and admin arguments that try to leave the store.
+//! Each must be a clean system failure (SYSTEM_FAILURE_EXIT_CODE, one line on stderr) that creates nothing.
+//! Needs root (see tests/common/mod.rs).
+
+#[macro_use]
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+both_stores! {
+    hostile_image_names;
+    empty_image_means_default;
+    hostile_job_ids;
+    longest_valid_job_id;
+    hostile_current_links;
+    hostile_admin_names;
+}
+
+/// Everything a bad call could touch: the test's store dir and its state dir / work dir (minus the job
+/// temp dirs, where the test itself writes scripts).
+fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut work = tree(&env.work);
+    work.retain(|k, _| !(k == "tmp" || k.starts_with("tmp/")));
+    (tree(&env.store_dir), work)
+}
+
+#[track_caller]
+fn assert_unchanged(what: &str, before: &(BTreeMap<String, String>, BTreeMap<String, String>), env: &TestEnv) {
+    let after = snapshot(env);
+    assert_same_tree(&format!("{what} (store)"), &before.0, &after.0);
+    assert_same_tree(&format!("{what} (state/work dir)"), &before.1, &after.1);
+}
+
+fn etc_marker_names() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/etc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') || n == "current" || n.contains('_'))
+        .collect();
+    v.sort();
+    v
+}
+
+fn hostile_image_names(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "hostimg") else { return };
+    let etc_before = etc_marker_names();
+    for name in ["../../etc", "a/b", ".hidden", "..", ".", "/etc", "bookworm/current", "book worm", "x\ny"] {
+        let job = env.job().with_image(name);
+        let before = snapshot(&env);
+        job.config().assert_ok();
+        let out = job.prepare();
+        out.assert_system_failure(2);
+        assert_unchanged(&format!("prepare with image {name:?}"), &before, &env);
+        assert_eq!(nspawn_pids(&job.machine()), Vec::<i32>::new(), "a machine was started for image {name:?}");
+        // gitlab-runner calls cleanup after the failed prepare
+        job.cleanup().assert_ok();
+        assert_unchanged(&format!("cleanup after image {name:?}"), &before, &env);
+        assert_nothing_left(&env, &job.id);
+    }
+    assert_eq!(etc_before, etc_marker_names(), "something was created in /etc");
+}
+
+fn empty_image_means_default(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "emptyimg") else { return };
+    // NSPAWN_RUNNER_DEFAULT_IMAGE=bookworm in the fixture; an empty CI_JOB_IMAGE maps to it
+    let job = env.job().with_image("");
+    job.config().assert_ok();
+    job.prepare().assert_ok();
+    let out = job.run("build_script", &job.get_sources_body("grep -q bookworm /etc/os-release && echo default-image-ok"));
+    out.assert_ok();
+    assert!(out.stdout.contains("default-image-ok"), "{}", out.describe());
+    job.cleanup().assert_ok();
+    assert_nothing_left(&env, &job.id);
+    // and with the default image missing, the error is a clean system failure
+    env.set("NSPAWN_RUNNER_DEFAULT_IMAGE", "nonexistent-default");
+    let job = env.job().with_image("");
+    let before = snapshot(&env);
+    job.prepare().assert_system_failure(2);
+    assert_unchanged("prepare with a missing default image", &before, &env);
+    job.cleanup().assert_ok();
+    assert_nothing_left(&env, &job.id);
+}
+
+fn hostile_job_ids(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "hostid") else { return };
+    let too_long = "1".repeat(49);
+    for id in ["1/2", "../x", "a b", "", "..", ".", "1\n2", "x;reboot", "ü", "-", too_long.as_str()] {
+        // "-" is valid by the contract's alphabet ([A-Za-z0-9-]) but makes `run--`: accept either outcome
+        // for it below, but it must never escape.
+        let job = Job::new(&env, id);
+        let before = snapshot(&env);
+        job.config().assert_ok();
+        let out = job.prepare();
+        if id == "-" {
+            assert!(out.code == Some(0) || out.code == Some(2), "{}", out.describe());
+            job.cleanup().assert_ok();
+            assert_nothing_left(&env, id);
+            continue;
+        }
+        out.assert_system_failure(2);
+        assert_unchanged(&format!("prepare with job id {id:?}"), &before, &env);
+        let out = job.run("build_script", &job.user_body(&["true"]));
+        out.assert_system_failure(2);
+        assert_unchanged(&format!("run with job id {id:?}"), &before, &env);
+        let out = job.cleanup();
+        out.assert_system_failure(2);
+        assert_unchanged(&format!("cleanup with job id {id:?}"), &before, &env);
+        assert!(fs::read_dir(&env.state_dir).unwrap().next().is_none(), "state dir not empty after id {id:?}");
+    }
+    // no id at all
+    let job = env.job();
+    let before = snapshot(&env);
+    let mut cmd = job.stage_cmd("prepare", true);
+    cmd.env_remove("CUSTOM_ENV_CI_JOB_ID");
+    run_cmd("prepare without CUSTOM_ENV_CI_JOB_ID", &mut cmd).assert_system_failure(2);
+    assert_unchanged("prepare without a job id", &before, &env);
+}
+
+fn longest_valid_job_id(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "longid") else { return };
+    let mut id = format!("{}-{}-", std::process::id(), kind as u8);
+    while id.len() < 48 {
+        id.push('Z');
+    }
+    let job = Job::new(&env, &id);
+    job.config().assert_ok();
+    job.prepare().assert_ok();
+    let out = job.run("build_script", &job.get_sources_body("echo \"id=$CI_JOB_ID\""));
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("id={id}")), "{}", out.describe());
+    job.cleanup().assert_ok();
+    assert_nothing_left(&env, &id);
+}
+
+/// `current` that dangles, points outside ROOT/NAME (relative, absolute, through a symlinked snapshot
+/// entry) at a complete bootable tree, or is not a symlink: prepare must refuse each.
+fn hostile_current_links(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "hostcur") else { return };
+    let img = env.image_dir(IMAGE);
+    let snap = env.current(IMAGE).unwrap();
+    let cur = img.join("current");
+    // move the real tree outside ROOT/NAME (a rename: cheap, works for subvolumes too)
+    let outside_dir = env.store_dir.join("s").join("outside");
+    fs::create_dir_all(&outside_dir).unwrap();
+    let outside = outside_dir.join(&snap);
+    fs::rename(img.join(&snap), &outside).unwrap();
+
+    let set_current = |target: &str| {
+        let _ = fs::remove_file(&cur);
+        let _ = fs::remove_dir(&cur);
+        symlink(target, &cur).unwrap();
+    };
+    let check = |what: &str| {
+        let job = env.job();
+        let before = snapshot(&env);
+        job.config().assert_ok();
+        let out = job.prepare();
+        out.assert_system_failure(2);
+        assert_eq!(nspawn_pids(&job.machine()), Vec::<i32>::new(), "a machine was started with {what}");
+        assert_unchanged(&format!("prepare with {what}"), &before, &env);
+        job.cleanup().assert_ok();
+        assert_nothing_left(&env, &job.id);
+    };
+
+    set_current("1234_5678");
+    check("a dangling current");
+    set_current(&format!("../../outside/{snap}"));
+    check("current -> ../../outside/<complete tree>");
+    set_current(outside.to_str().unwrap());
+    check("current -> /abs/path/outside/<complete tree>");
+    set_current("../../");
+    check("current -> ../../");
+    symlink(&outside, img.join("99_99")).unwrap();
+    set_current("99_99");
+    check("current -> 99_99, itself a symlink to a tree outside");
+    fs::remove_file(img.join("99_99")).unwrap();
+    set_current(&format!("{snap}/../../../outside/{snap}"));
+    check("current -> <snap>/../../../outside/<snap>");
+    let _ = fs::remove_file(&cur);
+    fs::create_dir(&cur).unwrap();
+    check("current being a directory, not a symlink");
+    fs::remove_dir(&cur).unwrap();
+    check("no current at all");
+
+    // put everything back: the same store boots again (proves the refusals above were about the links)
+    fs::rename(&outside, img.join(&snap)).unwrap();
+    set_current(&snap);
+    let job = env.job();
+    job.config().assert_ok();
+    job.prepare().assert_ok();
+    job.run("build_script", &job.get_sources_body("true")).assert_ok();
+    job.cleanup().assert_ok();
+    assert_nothing_left(&env, &job.id);
+}
+
+/// Admin commands with names that try to leave the store: refused, nothing changed. (Targets stay below
+/// the test's own store dir even if a buggy binary followed them.)
+fn hostile_admin_names(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "hostadm") else { return };
+    let tar = base_tarball();
+    let snap = env.current(IMAGE).unwrap();
+    for name in ["..", "../..", "../x", "a/b", ".hidden", ".", "bookworm/..", "x\ny"] {
+        let cmds: Vec<Vec<&str>> = vec![
+            vec!["image", "import", name, tar.to_str().unwrap()],
+            vec!["image", "list", name],
+            vec!["image", "gc", name],
+            vec!["image", "rollback", name],
+            vec!["image", "maintain", name, "--", "true"],
+            vec!["image", "remove", name, "--force"],
+        ];
+        for args in cmds {
+            let before = snapshot(&env);
+            let out = env.admin(&args);
+            assert!(out.code.is_some() && out.code != Some(0), "{args:?} must be refused\n{}", out.describe());
+            assert!(!out.stderr.trim().is_empty(), "{args:?}: no error message\n{}", out.describe());
+            assert_unchanged(&format!("{args:?}"), &before, &env);
+        }
+    }
+    assert_eq!(env.current(IMAGE).as_deref(), Some(snap.as_str()));
+    assert!(Path::new(&env.image_dir(IMAGE).join(&snap)).join("usr/lib/systemd/systemd").exists());
+}
