@@ -1,0 +1,495 @@
+#!/bin/bash
+# End-to-end check of the Debian package of nspawn-runner.
+#
+#  1. build the .deb with dpkg-buildpackage in a clean Debian 13 (trixie) chroot
+#     made by mmdebstrap, with the build dependencies from Debian's archive
+#     (offline cargo build from Debian's librust-*-dev packages, no crates.io);
+#  2. lintian on the result: no error, no warning;
+#  3. install it (apt-get) into another clean trixie chroot, import a bookworm
+#     image into its store and drive ONE job through
+#     /usr/lib/nspawn-runner/{config,prepare,run,cleanup} as gitlab-runner does;
+#  4. apt-get purge, then check that nothing is left behind.
+#
+# Needs root, a network path to the Debian archive, and about 3 GB in the work dir.
+# Everything goes under $DEB_CHECK_WORK (default /var/tmp/nspawn-runner-deb-check);
+# nothing outside it is written or removed, except the packages installed on
+# the host by apt-get (mmdebstrap and its helpers).
+#
+# Environment:
+#   DEB_CHECK_WORK    work dir (default /var/tmp/nspawn-runner-deb-check)
+#   DEB_CHECK_MIRROR  Debian mirror (default http://deb.debian.org/debian)
+#   DEB_CHECK_STEPS   which steps to run: "build,lintian,job,purge" (default all;
+#                     job and purge need the .deb from build in the same work dir)
+#   DEB_CHECK_KEEP_IMAGE=1  keep the cached bookworm image tarball between runs
+#                     (it is kept anyway within a run)
+#   DEB_BUILD_OPTIONS passed to dpkg-buildpackage (e.g. nocheck)
+
+set -euo pipefail
+
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${DEB_CHECK_WORK:-/var/tmp/nspawn-runner-deb-check}"
+MIRROR="${DEB_CHECK_MIRROR:-http://deb.debian.org/debian}"
+STEPS="${DEB_CHECK_STEPS:-build,lintian,job,purge}"
+IMAGE_NAME="bookworm"
+JOB_ID="4242"
+T0="$(date +%s)"
+FAILED=0
+
+log() { printf '%s [deb-check +%ss] %s\n' "$(date -u +%T)" "$(( $(date +%s) - T0 ))" "$*" >&2; }
+pass() { printf 'PASS: %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*"; FAILED=1; }
+die() { printf 'FAIL: %s\n' "$*"; exit 1; }
+want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+[ "$(id -u)" = 0 ] || die "deb-check.sh must run as root"
+case "$WORK" in
+    /|/usr|/usr/*|/etc|/etc/*|/bin|/sbin|/lib|/lib64|/boot|/proc*|/sys*|/dev*|/run|"") die "refusing DEB_CHECK_WORK=$WORK" ;;
+esac
+mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
+ROOTFS="$WORK/testroot"
+
+# --- host tools ---------------------------------------------------------------
+need_pkgs=()
+command -v mmdebstrap >/dev/null || need_pkgs+=(mmdebstrap)
+command -v python3 >/dev/null || need_pkgs+=(python3)
+command -v findmnt >/dev/null || need_pkgs+=(util-linux)
+command -v git >/dev/null || need_pkgs+=(git)
+# mmdebstrap needs the trixie signing keys; bookworm's keyring has them.
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need_pkgs+=(debian-archive-keyring)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    log "installing on the host: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# --- mounts of the test chroot, always undone ---------------------------------
+umount_under() {
+    # Unmount everything mounted at or below $1, deepest first.
+    local top="$1" m
+    [ -d "$top" ] || return 0
+    for _ in 1 2 3; do
+        mapfile -t mnts < <(findmnt -rn -o TARGET | awk -v t="$top" 'index($0, t "/") == 1 || $0 == t' | sort -r)
+        [ "${#mnts[@]}" -gt 0 ] || return 0
+        for m in "${mnts[@]}"; do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+        done
+    done
+}
+kill_in_root() {
+    # Kill processes whose root directory is inside the test chroot (a job
+    # machine left behind by a failed check).
+    local top="$1" p r
+    [ -d "$top" ] || return 0
+    for p in /proc/[0-9]*; do
+        r="$(readlink "$p/root" 2>/dev/null || true)"
+        case "$r" in
+            "$top"|"$top"/*) kill -9 "${p#/proc/}" 2>/dev/null || true ;;
+        esac
+    done
+}
+cleanup() {
+    local rc=$?
+    if [ -d "$ROOTFS" ]; then
+        kill_in_root "$ROOTFS"
+        umount_under "$ROOTFS"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- 1. build -----------------------------------------------------------------
+OUT="$WORK/out"
+if want build; then
+    log "copying the source tree $SRC"
+    rm -rf -- "$WORK/src" "$OUT"
+    mkdir -p "$WORK/src/nspawn-runner" "$OUT"
+    if git -C "$SRC" rev-parse --git-dir >/dev/null 2>&1; then
+        # tracked + untracked-but-not-ignored files: a clean clone gives HEAD
+        git -C "$SRC" ls-files -z --cached --others --exclude-standard \
+            | (cd "$SRC" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] || [ -L "$f" ] && printf "%s\0" "$f"; done' sh) \
+            | tar -C "$SRC" --null -T - -cf - | tar -C "$WORK/src/nspawn-runner" -xf -
+    else
+        tar -C "$SRC" --exclude=./target --exclude=./.git -cf - . | tar -C "$WORK/src/nspawn-runner" -xf -
+    fi
+    [ -f "$WORK/src/nspawn-runner/debian/control" ] || die "no debian/control in the copied tree"
+
+    log "building in a clean trixie chroot (mmdebstrap, build-deps from Debian's archive)"
+    tb="$(date +%s)"
+    # The whole build runs inside mmdebstrap's customize hooks: mmdebstrap sets
+    # up and tears down /proc, /dev, ... itself and throws the chroot away.
+    # apt-get build-dep reads Build-Depends from debian/control; cargo is then
+    # run by dh-cargo with CARGO_HOME pointing at Debian's registry only, and
+    # the network is cut off for the build by unshare -n.
+    cat > "$WORK/src/build-in-chroot.sh" <<'EOS'
+#!/bin/sh
+# Runs inside the clean trixie build chroot (mmdebstrap customize hook).
+set -e
+cd /build/nspawn-runner
+mkdir -p /build/out
+export DEBIAN_FRONTEND=noninteractive
+if ! apt-get build-dep -y -q . > /build/out/build-dep.log 2>&1; then
+    echo 1 > /build/out/build.rc
+    exit 0
+fi
+# No network for the build itself: dh-cargo must find every crate in
+# Debian's registry (/usr/share/cargo/registry).
+rc=0
+unshare -n env DEB_BUILD_OPTIONS="$1" dpkg-buildpackage -us -uc -b > /build/out/build.log 2>&1 || rc=$?
+echo "$rc" > /build/out/build.rc
+[ "$rc" = 0 ] || exit 0
+cd /build
+cp -a ./*.deb ./*.changes ./*.buildinfo /build/out/
+rc=0
+lintian --info --display-info --fail-on error,warning --tag-display-limit 0 ./nspawn-runner_*.changes \
+    > /build/out/lintian.txt 2>&1 || rc=$?
+echo "$rc" > /build/out/lintian.rc
+EOS
+    if mmdebstrap --variant=buildd --include=dh-cargo,lintian,ca-certificates \
+        --customize-hook='mkdir -p "$1/build"' \
+        --customize-hook="sync-in '$WORK/src' /build" \
+        --customize-hook="chroot \"\$1\" sh /build/build-in-chroot.sh '${DEB_BUILD_OPTIONS:-}'" \
+        --customize-hook="sync-out /build/out '$OUT'" \
+        trixie /dev/null "$MIRROR" > "$WORK/mmdebstrap-build.log" 2>&1; then
+        :
+    else
+        tail -40 "$WORK/mmdebstrap-build.log" >&2
+        die "build chroot (mmdebstrap) failed, see $WORK/mmdebstrap-build.log"
+    fi
+    if [ "$(cat "$OUT/build.rc" 2>/dev/null || echo x)" = 0 ] && ls "$OUT"/nspawn-runner_*.deb >/dev/null 2>&1; then
+        pass "dpkg-buildpackage -us -uc -b in a clean trixie chroot, offline ($(( $(date +%s) - tb ))s): $(cd "$OUT" && ls nspawn-runner_*.deb)"
+    else
+        tail -30 "$OUT/build-dep.log" >&2 || true
+        tail -60 "$OUT/build.log" >&2 || true
+        die "dpkg-buildpackage failed, see $OUT/build.log"
+    fi
+    if grep -qiE 'crates\.io|index\.crates|Downloading crates' "$OUT/build.log"; then
+        fail "the build log mentions crates.io"
+    else
+        pass "no crates.io access in the build log"
+    fi
+fi
+
+DEB="$(ls "$OUT"/nspawn-runner_*.deb 2>/dev/null | head -n1 || true)"
+
+# --- 2. lintian -----------------------------------------------------------------
+if want lintian; then
+    [ -f "$OUT/lintian.txt" ] || die "no lintian output (did the build step run?)"
+    sed 's/^/  lintian: /' "$OUT/lintian.txt"
+    if [ "$(cat "$OUT/lintian.rc")" = 0 ] && ! grep -qE '^[EW]: ' "$OUT/lintian.txt"; then
+        pass "lintian: no errors, no warnings ($(grep -c '^[IP]: ' "$OUT/lintian.txt" || true) info/pedantic tags)"
+    else
+        fail "lintian reports errors or warnings"
+    fi
+fi
+
+# --- 3. install into a clean trixie system and drive one job ------------------
+chroot_mounts() {
+    # The test root must be a mount point of its own: systemd-nspawn makes "/"
+    # a slave mount (MS_REC|MS_SLAVE), which fails with EINVAL on a plain
+    # directory inside a chroot.
+    mount --bind "$ROOTFS" "$ROOTFS"
+    mount --make-private "$ROOTFS"
+    mkdir -p "$ROOTFS/proc" "$ROOTFS/sys" "$ROOTFS/dev" "$ROOTFS/run"
+    mount -t proc proc "$ROOTFS/proc"
+    mount --rbind /sys "$ROOTFS/sys"
+    mount --make-rslave "$ROOTFS/sys"
+    mount --rbind /dev "$ROOTFS/dev"
+    mount --make-rslave "$ROOTFS/dev"
+    mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$ROOTFS/run"
+}
+
+in_root() { chroot "$ROOTFS" "$@"; }
+
+file_list() {
+    # Every path of the test system except the package manager's own books and
+    # the virtual file systems.
+    (cd "$ROOTFS" && find . -xdev \
+        \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run -o -path ./tmp \
+           -o -path ./var/lib/apt -o -path ./var/lib/dpkg -o -path ./var/cache/apt \
+           -o -path ./var/cache/debconf -o -path ./var/log -o -path ./var/tmp \
+           -o -path ./var/cache/ldconfig -o -path ./etc/ld.so.cache \) -prune \
+        -o -print | LC_ALL=C sort)
+}
+
+# The job script, written as gitlab-runner >= 19.1 writes it (bash wrapper,
+# body ANSI-C quoted on one line), protocol doc section 6.
+write_script() {
+    local file="$1" body="$2"
+    python3 - "$file" "$body" <<'PY'
+import sys
+path, body = sys.argv[1], sys.argv[2]
+def ansi_c(s):
+    out = []
+    for ch in s:
+        if ch == "\\": out.append("\\\\")
+        elif ch == "'": out.append("\\'")
+        elif ch == "\n": out.append("\\n")
+        elif ch == "\t": out.append("\\t")
+        elif ord(ch) < 32 or ord(ch) == 127: out.append("\\x%02x" % ord(ch))
+        else: out.append(ch)
+    return "$'" + "".join(out) + "'"
+text = ("#!/usr/bin/env bash\n\n"
+        "trap 'exit 1' TERM\n\n"
+        "case \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\n"
+        "set +o noclobber\n"
+        "(trap 'exit 1' TERM; eval " + ansi_c(body) + ") < /dev/null\n"
+        "exit 0\n")
+with open(path, "w") as f:
+    f.write(text)
+PY
+    chmod 0700 "$file"
+}
+
+# Run one executable of the custom executor inside the test system the way
+# gitlab-runner does: fork/exec, cwd = TMPDIR, stdin /dev/null, the runner's
+# environment + TMPDIR/BUILD_*_EXIT_CODE/JOB_RESPONSE_FILE + CUSTOM_ENV_*.
+JOB_TMP=/tmp/custom-executor1234567
+PROJECT_DIR=/builds/group/project
+stage_env=(
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    LANG=C.UTF-8
+    TMPDIR="$JOB_TMP"
+    BUILD_FAILURE_EXIT_CODE=1
+    SYSTEM_FAILURE_EXIT_CODE=2
+    BUILD_EXIT_CODE_FILE="$JOB_TMP/build_exit_code"
+    JOB_RESPONSE_FILE="$JOB_TMP/response.json"
+    CUSTOM_ENV_CI_JOB_ID="$JOB_ID"
+    CUSTOM_ENV_CI_JOB_IMAGE="$IMAGE_NAME"
+    CUSTOM_ENV_CI_BUILDS_DIR=/builds
+    CUSTOM_ENV_CI_PROJECT_DIR="$PROJECT_DIR"
+    CUSTOM_ENV_CI_CONCURRENT_ID=0
+    CUSTOM_ENV_CI_CONCURRENT_PROJECT_ID=0
+    CUSTOM_ENV_CI_SERVER=yes
+    CUSTOM_ENV_CI_JOB_STATUS=running
+    CUSTOM_ENV_CI_JOB_SERVICES=
+)
+stage() {
+    # stage NAME ARGS... ; stdout -> $WORK/job/NAME.out, stderr -> NAME.err
+    local name="$1"; shift
+    local tag="${STAGE_TAG:-$name}"
+    set +e
+    env -i "${stage_env[@]}" chroot "$ROOTFS" env -C "$JOB_TMP" "/usr/lib/nspawn-runner/$name" "$@" \
+        < /dev/null > "$WORK/job/$tag.out" 2> "$WORK/job/$tag.err"
+    local rc=$?
+    set -e
+    sed "s/^/  [$tag stdout] /" "$WORK/job/$tag.out"
+    sed "s/^/  [$tag stderr] /" "$WORK/job/$tag.err"
+    return "$rc"
+}
+run_stage() {
+    # run_stage STAGE BODY EXPECTED_RC
+    local st="$1" body="$2" want_rc="$3" n rc=0
+    n=$(( ${RUN_N:-0} + 1 )); RUN_N=$n
+    local dir="$ROOTFS$JOB_TMP/script$n"
+    mkdir -p "$dir"
+    write_script "$dir/script" "$body"
+    STAGE_TAG="run-$n-$st" stage run "$JOB_TMP/script$n/script" "$st" || rc=$?
+    if [ "$rc" = "$want_rc" ]; then
+        pass "run $st exited $rc as expected"
+    else
+        fail "run $st exited $rc, expected $want_rc"
+    fi
+}
+
+if want job || want purge; then
+    [ -n "$DEB" ] && [ -f "$DEB" ] || die "no .deb in $OUT (run the build step first)"
+    umount_under "$ROOTFS"
+    rm -rf --one-file-system -- "$ROOTFS"
+    mkdir -p "$WORK/cache" "$WORK/job"
+    rm -f -- "$WORK/job"/*
+
+    # The bookworm job image: minbase + systemd + dbus, cached as a tarball.
+    IMG_TAR="$WORK/cache/bookworm-minbase-systemd.tar"
+    if [ ! -s "$IMG_TAR" ]; then
+        log "making the bookworm job image tarball (mmdebstrap minbase + systemd,dbus)"
+        mmdebstrap --variant=minbase --include=systemd,dbus bookworm "$IMG_TAR.tmp" "$MIRROR" \
+            > "$WORK/mmdebstrap-image.log" 2>&1 || { tail -20 "$WORK/mmdebstrap-image.log" >&2; die "image mmdebstrap failed"; }
+        mv -- "$IMG_TAR.tmp" "$IMG_TAR"
+    fi
+
+    log "making the clean trixie test system (mmdebstrap minbase + systemd-container,btrfs-progs)"
+    mmdebstrap --variant=minbase --include=systemd-container,btrfs-progs \
+        trixie "$ROOTFS" "$MIRROR" > "$WORK/mmdebstrap-testroot.log" 2>&1 \
+        || { tail -20 "$WORK/mmdebstrap-testroot.log" >&2; die "test system mmdebstrap failed"; }
+    chroot_mounts
+    mkdir -p "$ROOTFS/mnt/deb-check"
+    mount --bind "$WORK/cache" "$ROOTFS/mnt/deb-check"
+    mount -o remount,bind,ro "$ROOTFS/mnt/deb-check"
+    cp -- "$DEB" "$ROOTFS/tmp/"
+    DEB_IN="/tmp/$(basename "$DEB")"
+
+    file_list > "$WORK/files-before.txt"
+
+    log "apt-get install $DEB_IN"
+    in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1"' sh "$DEB_IN" \
+        > "$WORK/apt-install.log" 2>&1 || { tail -30 "$WORK/apt-install.log" >&2; die "apt-get install of the .deb failed"; }
+    pass "apt-get install ./$(basename "$DEB") into a clean trixie system"
+
+    # What the package must have put in place.
+    [ -x "$ROOTFS/usr/bin/nspawn-runner" ] && pass "/usr/bin/nspawn-runner installed" || fail "/usr/bin/nspawn-runner missing"
+    for s in config prepare run cleanup; do
+        l="$ROOTFS/usr/lib/nspawn-runner/$s"
+        if [ -L "$l" ] && [ "$(in_root readlink -f "/usr/lib/nspawn-runner/$s")" = /usr/bin/nspawn-runner ]; then
+            pass "/usr/lib/nspawn-runner/$s -> /usr/bin/nspawn-runner"
+        else
+            fail "/usr/lib/nspawn-runner/$s is not a link to /usr/bin/nspawn-runner"
+        fi
+    done
+    perm="$(stat -c '%a %U:%G' "$ROOTFS/var/lib/nspawn-runner" 2>/dev/null || echo missing)"
+    [ "$perm" = "700 root:root" ] && pass "/var/lib/nspawn-runner is 0700 root:root" || fail "/var/lib/nspawn-runner is '$perm', expected '700 root:root'"
+    perm="$(stat -c '%a %U:%G' "$ROOTFS/run/nspawn-runner" 2>/dev/null || echo missing)"
+    [ "$perm" = "700 root:root" ] && pass "/run/nspawn-runner created by tmpfiles.d, 0700 root:root" || fail "/run/nspawn-runner is '$perm', expected '700 root:root'"
+    for f in usr/lib/systemd/system/nspawn-runner-maintenance.service usr/lib/systemd/system/nspawn-runner-maintenance.timer \
+             usr/lib/tmpfiles.d/nspawn-runner.conf usr/share/man/man1/nspawn-runner.1.gz \
+             usr/share/doc/nspawn-runner/examples/config.toml.example \
+             usr/share/doc/nspawn-runner/examples/hooks/example.d/10-apt-upgrade \
+             usr/share/doc/nspawn-runner/examples/ansible/example.yaml; do
+        [ -e "$ROOTFS/$f" ] && pass "/$f shipped" || fail "/$f missing"
+    done
+    [ -x "$ROOTFS/usr/share/doc/nspawn-runner/examples/hooks/example.d/10-apt-upgrade" ] \
+        && pass "example hook is executable" || fail "example hook is not executable"
+    [ -L "$ROOTFS/etc/systemd/system/timers.target.wants/nspawn-runner-maintenance.timer" ] \
+        && pass "maintenance timer enabled" || fail "maintenance timer not enabled"
+    if in_root man -w nspawn-runner >/dev/null 2>&1 || [ -e "$ROOTFS/usr/share/man/man1/nspawn-runner.1.gz" ]; then
+        if zcat "$ROOTFS/usr/share/man/man1/nspawn-runner.1.gz" | grep -q '^\.SH'; then pass "man page has sections"; else fail "man page is empty"; fi
+    fi
+fi
+
+if want job; then
+    log "importing the image: nspawn-runner image import $IMAGE_NAME /mnt/deb-check/$(basename "$IMG_TAR")"
+    if in_root nspawn-runner image import "$IMAGE_NAME" "/mnt/deb-check/$(basename "$IMG_TAR")" > "$WORK/image-import.log" 2>&1; then
+        pass "nspawn-runner image import $IMAGE_NAME"
+    else
+        sed 's/^/  [import] /' "$WORK/image-import.log"
+        die "nspawn-runner image import failed"
+    fi
+    cur="$(readlink "$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/current" || true)"
+    if [[ "$cur" =~ ^[0-9]+_[0-9]+$ ]] && [ -d "$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/$cur/etc" ]; then
+        pass "store: $IMAGE_NAME/current -> $cur"
+    else
+        fail "store: $IMAGE_NAME/current is '$cur'"
+    fi
+    in_root nspawn-runner image list > "$WORK/image-list.log" 2>&1 && grep -q "$IMAGE_NAME" "$WORK/image-list.log" \
+        && pass "nspawn-runner image list shows $IMAGE_NAME" || fail "nspawn-runner image list does not show $IMAGE_NAME"
+
+    mkdir -p "$ROOTFS$JOB_TMP"
+    chmod 0700 "$ROOTFS$JOB_TMP"
+    printf '{"id": %s}\n' "$JOB_ID" > "$ROOTFS$JOB_TMP/response.json"
+    chmod 0600 "$ROOTFS$JOB_TMP/response.json"
+
+    tj="$(date +%s)"
+    # config_exec
+    if stage config; then
+        if [ ! -s "$WORK/job/config.out" ] || python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert isinstance(d, dict); [isinstance(v,str) or (_ for _ in ()).throw(SystemExit("non-string "+k)) for k,v in d.items() if k in ("builds_dir","cache_dir","hostname","shell")]' "$WORK/job/config.out"; then
+            pass "config exited 0 with valid config JSON"
+        else
+            fail "config printed invalid JSON"
+        fi
+    else
+        fail "config exited non-zero"
+    fi
+    # prepare_exec
+    tp="$(date +%s)"
+    if stage prepare; then
+        pass "prepare exited 0 ($(( $(date +%s) - tp ))s)"
+        # run_exec, stage by stage, as gitlab-runner does for a job with
+        # GIT_STRATEGY=none and an after_script.
+        run_stage prepare_script 'echo "Running on $(hostname)..."
+rm "-f" "/builds/group/project.tmp/gitlab_runner_env"' 0
+        run_stage get_sources 'export CI_JOB_ID=4242
+export CI_PROJECT_DIR=/builds/group/project
+mkdir -p "/builds/group/project"
+echo "Skipping Git repository setup"' 0
+        run_stage build_script 'export CI_JOB_ID=4242
+export CI_PROJECT_DIR=/builds/group/project
+cd "/builds/group/project"
+echo $'"'"'\e[32;1m$ uname -a\e[0;m'"'"'
+uname -a
+test "$(id -u)" = 0
+grep -q "VERSION_CODENAME=bookworm" /etc/os-release
+test ! -e "/tmp/custom-executor1234567/response.json"
+test "${TMPDIR:-unset}" != "/tmp/custom-executor1234567"
+echo "built by job $CI_JOB_ID" > "$CI_PROJECT_DIR/artifact.txt"
+echo marker > /etc/deb-check-marker
+systemctl is-system-running --wait || true
+echo "deb-check build ok"' 0
+        run_stage after_script 'cd "/builds/group/project"
+echo "Running after script..."
+grep -q "built by job 4242" artifact.txt' 0
+        run_stage step_fail 'cd "/builds/group/project"
+echo "this step fails with 3"
+false || exit 3' 1
+        if grep -q 'deb-check build ok' "$WORK"/job/run-*-build_script.out; then
+            pass "build_script output streamed to stdout"
+        else
+            fail "build_script output not seen on stdout"
+        fi
+    else
+        fail "prepare exited non-zero"
+    fi
+    # cleanup_exec: always, and idempotent
+    if stage cleanup; then pass "cleanup exited 0"; else fail "cleanup exited non-zero"; fi
+    STAGE_TAG=cleanup-again stage cleanup && pass "cleanup again exited 0 (idempotent)" || fail "second cleanup exited non-zero"
+    pass "whole job took $(( $(date +%s) - tj ))s"
+
+    # Nothing of the job must survive.
+    snap="$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/$cur"
+    [ ! -e "$snap/etc/deb-check-marker" ] && pass "image unchanged by the job" || fail "the job wrote into the image"
+    if findmnt -rn -o TARGET | grep -q "^$ROOTFS/var/lib/nspawn-runner"; then
+        fail "mounts left in the store: $(findmnt -rn -o TARGET | grep "^$ROOTFS/var/lib/nspawn-runner" | tr '\n' ' ')"
+    else
+        pass "no mounts left in the store"
+    fi
+    left=""
+    for p in /proc/[0-9]*; do
+        r="$(readlink "$p/root" 2>/dev/null || true)"
+        case "$r" in "$ROOTFS"/*) left="$left ${p#/proc/}:$(cat "$p/comm" 2>/dev/null)" ;; esac
+    done
+    [ -z "$left" ] && pass "no machine process left" || fail "processes left inside the store:$left"
+    if [ -n "$(ls -A "$ROOTFS/run/nspawn-runner" 2>/dev/null)" ]; then
+        fail "state left in /run/nspawn-runner: $(ls -A "$ROOTFS/run/nspawn-runner" | tr '\n' ' ')"
+    else
+        pass "no job state left in /run/nspawn-runner"
+    fi
+    if [ -n "$(find "$ROOTFS/var/lib/nspawn-runner" -mindepth 1 -maxdepth 2 -name 'run-*' 2>/dev/null)" ] \
+       || [ -n "$(ls -A "$ROOTFS/var/lib/nspawn-runner/.jobs" 2>/dev/null)" ]; then
+        fail "job leftovers in the store"
+    else
+        pass "no job leftovers in the store"
+    fi
+    # A job for an image that does not exist is a system failure (exit 2).
+    stage_env+=(CUSTOM_ENV_CI_JOB_IMAGE=no-such-image CUSTOM_ENV_CI_JOB_ID=4243)
+    rc=0; STAGE_TAG=prepare-missing-image stage prepare || rc=$?
+    [ "$rc" = 2 ] && pass "prepare with a missing image exits 2 (system failure)" || fail "prepare with a missing image exited $rc, expected 2"
+    STAGE_TAG=cleanup-missing-image stage cleanup || true
+fi
+
+# --- 4. purge -------------------------------------------------------------------
+if want purge; then
+    kill_in_root "$ROOTFS/var/lib/nspawn-runner"
+    log "apt-get purge nspawn-runner"
+    in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q nspawn-runner' > "$WORK/apt-purge.log" 2>&1 \
+        && pass "apt-get purge nspawn-runner" || { tail -20 "$WORK/apt-purge.log" >&2; fail "apt-get purge failed"; }
+    st="$(in_root dpkg-query -W -f '${db:Status-Status}' nspawn-runner 2>/dev/null || echo not-installed)"
+    [ "$st" = not-installed ] && pass "dpkg: nspawn-runner not-installed (no config-files left)" || fail "dpkg status after purge: $st"
+    file_list > "$WORK/files-after.txt"
+    if diff -u "$WORK/files-before.txt" "$WORK/files-after.txt" > "$WORK/files.diff"; then
+        pass "after purge the file system is as before the install"
+    else
+        sed 's/^/  /' "$WORK/files.diff"
+        fail "files left or lost by install+purge (see above)"
+    fi
+    [ ! -e "$ROOTFS/run/nspawn-runner" ] && pass "/run/nspawn-runner removed" || fail "/run/nspawn-runner left"
+fi
+
+umount_under "$ROOTFS"
+log "done in $(( $(date +%s) - T0 ))s"
+if [ "$FAILED" = 0 ]; then
+    echo "PASS: deb-check ($(( $(date +%s) - T0 ))s)"
+else
+    echo "FAIL: deb-check ($(( $(date +%s) - T0 ))s)"
+    exit 1
+fi
