@@ -350,6 +350,11 @@ fn gc_removes_awkward_snapshots(kind: StoreKind) {
     assert!(old.exists(), "KEEP=1 must keep {s1}");
     match kind {
         StoreKind::Btrfs => {
+            // snapshots may be read-only subvolumes: make the old one writable for the setup
+            let ro = sh(&["btrfs", "property", "get", "-ts", old.to_str().unwrap(), "ro"]).contains("true");
+            if ro {
+                sh(&["btrfs", "property", "set", "-ts", old.to_str().unwrap(), "ro", "false"]);
+            }
             let machines = old.join("var/lib/machines");
             if machines.exists() {
                 fs::remove_dir(&machines).unwrap();
@@ -357,6 +362,9 @@ fn gc_removes_awkward_snapshots(kind: StoreKind) {
             sh(&["btrfs", "-q", "subvolume", "create", machines.to_str().unwrap()]);
             sh(&["btrfs", "-q", "subvolume", "create", machines.join("inner").to_str().unwrap()]);
             fs::write(machines.join("inner/file"), "x").unwrap();
+            if ro {
+                sh(&["btrfs", "property", "set", "-ts", old.to_str().unwrap(), "ro", "true"]);
+            }
             let subs = subvolumes_below(&env, &env.image_dir(IMAGE));
             assert!(subs.contains(&format!("{s1}/var/lib/machines/inner")), "{subs:?}");
         }

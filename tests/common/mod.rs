@@ -841,7 +841,7 @@ impl<'a> Job<'a> {
             .env("CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN", "t3stT0k")
             .env("CUSTOM_ENV_CI_BUILDS_DIR", &bd)
             .env("CUSTOM_ENV_CI_PROJECT_DIR", &pd)
-            .env("RUNNER_TEMP_PROJECT_DIR", format!("{pd}.tmp"))
+            .env("CUSTOM_ENV_RUNNER_TEMP_PROJECT_DIR", format!("{pd}.tmp"))
             .env("CUSTOM_ENV_CI_CONCURRENT_ID", "0")
             .env("CUSTOM_ENV_CI_CONCURRENT_PROJECT_ID", "0")
             .env("CUSTOM_ENV_CI_SERVER", "yes")
