@@ -1,0 +1,392 @@
+//! `nspawn-runner image ...`: create, import, list, login, rollback, gc, remove, adopt.
+
+use super::maintain;
+use crate::cli::ImageSub;
+use crate::error::{Context, Error, Result};
+use crate::lock::Mode;
+use crate::machine::chroot::{run_in_tree, TreeCommand};
+use crate::machine::state::StateDir;
+use crate::names::{ImageName, SnapshotName};
+use crate::settings::Settings;
+use crate::store::gc::{self, InUse};
+use crate::store::transaction::{Base, Transaction};
+use crate::store::{Entry, Image, Store};
+use std::path::Path;
+use std::process::Command;
+
+/// Packages every image gets: what a booted job machine and gitlab-runner's scripts need.
+const BASE_PACKAGES: [&str; 4] = ["systemd", "dbus", "git", "ca-certificates"];
+
+pub fn dispatch(command: ImageSub) -> Result<()> {
+    let settings = Settings::from_env()?;
+    match command {
+        ImageSub::Create(args) => {
+            let suite = args.suite.unwrap_or_else(|| settings.suite.clone());
+            let mirror = args.mirror.or_else(|| settings.mirror.clone());
+            let mut packages = settings.extra_packages();
+            packages.extend(crate::settings::split_list(args.include.as_deref().unwrap_or("")));
+            create(&settings, &ImageName::parse(&args.name)?, &suite, mirror.as_deref(), &packages)
+        }
+        ImageSub::Import(args) => import(&settings, &ImageName::parse(&args.name)?, &args.source),
+        ImageSub::List(args) => list(&settings, args.name.as_deref()),
+        ImageSub::Login(args) => login(&settings, &ImageName::parse(&args.name)?, args.discard),
+        ImageSub::Maintain(args) => maintain::maintain(&settings, args),
+        ImageSub::Rollback(args) => rollback(&settings, &ImageName::parse(&args.name)?, args.snapshot.as_deref()),
+        ImageSub::Gc(args) => gc_command(&settings, args.name.as_deref()),
+        ImageSub::Remove(args) => remove(&settings, &ImageName::parse(&args.name)?, args.force),
+        ImageSub::Adopt(args) => adopt(&settings, &ImageName::parse(&args.name)?),
+    }
+}
+
+/// Creates the image directory for a new image; an existing image is an error.
+pub fn new_image_dir(image: &Image) -> Result<()> {
+    if image.exists() {
+        return Err(Error::new(format!("image {} exists already (use `image maintain`)", image.name())));
+    }
+    if image.dir().join("usr").is_dir() {
+        return Err(Error::new(format!("image {} is in the old layout: use `image adopt`", image.name())));
+    }
+    std::fs::create_dir_all(image.dir()).with_context(|| format!("creating {}", image.dir().display()))
+}
+
+/// Bootstraps a Debian tree into `tree` with mmdebstrap, or debootstrap where it is missing.
+pub fn bootstrap(tree: &Path, suite: &str, mirror: Option<&str>, extra: &[String]) -> Result<()> {
+    let include = BASE_PACKAGES.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect::<Vec<_>>().join(",");
+    let tool = if crate::settings::find_in_path("mmdebstrap").is_some() { "mmdebstrap" } else { "debootstrap" };
+    let mut command = Command::new(tool);
+    command.arg("--variant=minbase").arg(format!("--include={include}")).arg(suite).arg(tree);
+    if let Some(mirror) = mirror {
+        command.arg(mirror);
+    }
+    log::info!("bootstrapping {suite} into {} with {tool}", tree.display());
+    let status = command.status().with_context(|| format!("running {tool} (install mmdebstrap or debootstrap)"))?;
+    if !status.success() {
+        return Err(Error::new(format!("{tool} failed ({status})")));
+    }
+    make_bootable(tree)
+}
+
+/// Leaves what nspawn must supply per machine to nspawn: the hostname (so every job machine is
+/// called `run-<job id>`), and the host's resolver configuration.
+fn make_bootable(tree: &Path) -> Result<()> {
+    for file in ["etc/hostname", "etc/resolv.conf"] {
+        match std::fs::remove_file(tree.join(file)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::from(e).context(format!("removing {file} from the new tree")))
+            }
+            _ => {}
+        }
+    }
+    if !tree.join("usr/lib/systemd/systemd").exists() && !tree.join("lib/systemd/systemd").exists() {
+        return Err(Error::new(format!("{} has no systemd: it could not boot", tree.display())));
+    }
+    Ok(())
+}
+
+fn create(settings: &Settings, name: &ImageName, suite: &str, mirror: Option<&str>, extra: &[String]) -> Result<()> {
+    let store = Store::open_or_create(settings)?;
+    let image = store.image(name);
+    new_image_dir(&image)?;
+    let result = (|| {
+        let tx = Transaction::begin(&image, Base::Empty)?;
+        bootstrap(tx.tree(), suite, mirror, extra)?;
+        maintain::run_configured_steps(settings, &tx, false)?;
+        tx.commit()
+    })();
+    finish_new_image(&image, result)
+}
+
+/// Reports the outcome of making a new image; a failed one leaves no directory behind.
+fn finish_new_image(image: &Image, result: Result<SnapshotName>) -> Result<()> {
+    match result {
+        Ok(snapshot) => {
+            println!("image {} created: snapshot {snapshot}", image.name());
+            Ok(())
+        }
+        Err(e) => {
+            if !image.exists() {
+                let _ = std::fs::remove_dir_all(image.dir());
+            }
+            Err(e.context(format!("creating image {}", image.name())))
+        }
+    }
+}
+
+fn import(settings: &Settings, name: &ImageName, source: &Path) -> Result<()> {
+    let store = Store::open_or_create(settings)?;
+    let image = store.image(name);
+    let meta = std::fs::metadata(source).with_context(|| format!("import source {}", source.display()))?;
+    let is_new = !image.exists();
+    if is_new {
+        new_image_dir(&image)?;
+    }
+    let result = (|| {
+        let tx = Transaction::begin(&image, Base::Empty)?;
+        if meta.is_dir() {
+            crate::store::backend::plain::copy_tree(source, tx.tree())?;
+        } else {
+            extract_tar(source, tx.tree())?;
+        }
+        make_bootable(tx.tree())?;
+        tx.commit()
+    })();
+    if is_new {
+        return finish_new_image(&image, result);
+    }
+    let snapshot = result?;
+    println!("image {name}: imported as snapshot {snapshot}, now current");
+    Ok(())
+}
+
+fn extract_tar(archive: &Path, tree: &Path) -> Result<()> {
+    let status = Command::new("tar")
+        .args(["--extract", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--file"])
+        .arg(archive)
+        .arg("--directory")
+        .arg(tree)
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        return Err(Error::new(format!("extracting {} failed ({status})", archive.display())));
+    }
+    Ok(())
+}
+
+/// How a snapshot stands, for `image list`.
+fn snapshot_role(snapshot: &SnapshotName, current: Option<&SnapshotName>, kept: &[SnapshotName], leases: &[(String, String)]) -> String {
+    let name = snapshot.to_string();
+    let mut roles = Vec::new();
+    if Some(snapshot) == current {
+        roles.push("current".to_owned());
+    } else if kept.contains(snapshot) {
+        roles.push("kept".to_owned());
+    }
+    let jobs: Vec<&str> = leases.iter().filter(|(s, _)| *s == name).map(|(_, j)| j.as_str()).collect();
+    if !jobs.is_empty() {
+        roles.push(format!("leased by job {}", jobs.join(",")));
+    }
+    if roles.is_empty() {
+        roles.push("unused (gc deletes it)".to_owned());
+    }
+    roles.join(", ")
+}
+
+fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
+    let store = Store::open(settings)?;
+    let names = match only {
+        Some(name) => vec![ImageName::parse(name)?],
+        None => store.images()?,
+    };
+    let states = StateDir::new(settings).all()?;
+    let now = SnapshotName::now().time();
+    println!("store {} ({})", store.root().display(), store.backend().name());
+    for name in names {
+        let image = store.image(&name);
+        image.must_exist()?;
+        let current = image.current();
+        let current_label = match &current {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("BROKEN: {e}"),
+        };
+        println!("{name}: current {current_label}");
+        let current = current.ok();
+        let leases: Vec<(String, String)> = states
+            .iter()
+            .filter(|(s, busy)| s.store == store.root() && s.image == name.as_str() && s.is_live(*busy))
+            .map(|(s, _)| (s.snapshot.clone(), s.job_id.clone()))
+            .collect();
+        let snapshots = image.snapshots()?;
+        let mut others: Vec<SnapshotName> = snapshots.iter().filter(|s| Some(*s) != current.as_ref()).cloned().collect();
+        others.sort();
+        let kept: Vec<SnapshotName> = others.iter().rev().take(settings.keep).cloned().collect();
+        for snapshot in &snapshots {
+            let age = now.saturating_sub(snapshot.time());
+            println!(
+                "  {snapshot:<24} {:>8}  {}",
+                format_age(age),
+                snapshot_role(snapshot, current.as_ref(), &kept, &leases)
+            );
+        }
+        for entry in image.entries()? {
+            match entry {
+                Entry::Pending(n) => println!("  {n:<24} {:>8}  orphaned or in progress (transaction)", "-"),
+                Entry::Ephemeral(n) => println!("  {n:<24} {:>8}  job machine copy", "-"),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn format_age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn login(settings: &Settings, name: &ImageName, discard: bool) -> Result<()> {
+    let store = Store::open(settings)?;
+    let image = store.image(name);
+    let tx = Transaction::begin(&image, Base::Current)?;
+    let shell = ["/bin/bash".to_owned(), "-l".to_owned()];
+    let status = run_in_tree(&TreeCommand { tree: tx.tree(), command: &shell, binds_ro: vec![], interactive: true })?;
+    if discard || !status.success() {
+        drop(tx);
+        println!("image {name}: changes discarded ({})", if discard { "--discard" } else { "shell failed" });
+        return Ok(());
+    }
+    let snapshot = tx.commit()?;
+    println!("image {name}: committed snapshot {snapshot}");
+    collect(settings, &image)
+}
+
+fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Result<()> {
+    let store = Store::open(settings)?;
+    let image = store.image(name);
+    image.must_exist()?;
+    let _lock = image.lock_transactions()?;
+    let snapshots = image.snapshots()?;
+    let current = image.current().ok();
+    let target = match target {
+        Some(t) => {
+            let t = SnapshotName::parse(t)?;
+            if !snapshots.contains(&t) {
+                return Err(Error::new(format!("image {name} has no snapshot {t}")));
+            }
+            t
+        }
+        None => {
+            let older = snapshots.iter().rfind(|s| current.as_ref().is_none_or(|c| *s < c));
+            older.cloned().ok_or_else(|| Error::new(format!("image {name} has no snapshot older than current")))?
+        }
+    };
+    image.switch_current(&target)?;
+    println!("image {name}: current is now {target}");
+    Ok(())
+}
+
+/// gc of one image after a commit.
+pub fn collect(settings: &Settings, image: &Image) -> Result<()> {
+    let deleted = gc::collect_image(image, &StateDir::new(settings), settings.keep, None)?;
+    for name in deleted {
+        println!("image {}: deleted {name}", image.name());
+    }
+    Ok(())
+}
+
+fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
+    let store = Store::open(settings)?;
+    let states = StateDir::new(settings);
+    // Crashed jobs first: their leases end, so gc can free their snapshots too.
+    for machine in gc::reap_jobs(&store, &states)? {
+        println!("reaped leftovers of {machine}");
+    }
+    let names = match only {
+        Some(name) => vec![ImageName::parse(name)?],
+        None => store.images()?,
+    };
+    for name in names {
+        let image = store.image(&name);
+        image.must_exist()?;
+        collect(settings, &image)?;
+    }
+    Ok(())
+}
+
+fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
+    let store = Store::open(settings)?;
+    let image = store.image(name);
+    image.must_exist()?;
+    let _lock = image.lock_transactions()?;
+    let _pins = image.lock_pins(Mode::Exclusive)?;
+    let in_use = InUse::from_states(&image, &StateDir::new(settings).all()?);
+    if !in_use.leased.is_empty() && !force {
+        return Err(Error::new(format!("image {name} is used by running jobs (use --force)")));
+    }
+    for entry in image.entries()? {
+        let entry_name = match entry {
+            Entry::Snapshot(s) => s.to_string(),
+            Entry::Pending(n) | Entry::Ephemeral(n) => n,
+            _ => continue,
+        };
+        store.backend().delete(&image.dir().join(entry_name))?;
+    }
+    std::fs::remove_dir_all(image.dir()).with_context(|| format!("removing {}", image.dir().display()))?;
+    println!("image {name} removed");
+    Ok(())
+}
+
+/// Moves an image from the Python nspawn-runner's layout (ROOT/NAME is the tree) into this one,
+/// with no moment at which ROOT/NAME is missing: the new directory is swapped in atomically.
+fn adopt(settings: &Settings, name: &ImageName) -> Result<()> {
+    let store = Store::open(settings)?;
+    let image = store.image(name);
+    if image.exists() {
+        return Err(Error::new(format!("image {name} already uses the snapshot layout")));
+    }
+    if !image.dir().join("usr").is_dir() {
+        return Err(Error::new(format!("{} is not an OS tree to adopt", image.dir().display())));
+    }
+    let staging = store.root().join(format!(".adopt-{name}"));
+    store.backend().delete(&staging)?;
+    std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let snapshot = SnapshotName::now();
+    let result = (|| {
+        store.backend().snapshot(image.dir(), &staging.join(snapshot.to_string()))?;
+        std::os::unix::fs::symlink(snapshot.to_string(), staging.join(crate::store::CURRENT))
+            .context("creating current")?;
+        crate::store::backend::sync_filesystem(&staging)?;
+        exchange(&staging, image.dir())
+    })();
+    if let Err(e) = result {
+        let _ = store.backend().delete(&staging.join(snapshot.to_string()));
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.context(format!("adopting {name}")));
+    }
+    let old = store.root().join(format!(".adopted-{name}-{}", snapshot.time()));
+    std::fs::rename(&staging, &old).with_context(|| format!("renaming {}", staging.display()))?;
+    println!("image {name} adopted: snapshot {snapshot} is current; the old tree is kept at {}", old.display());
+    println!("delete it once no job of the old runner uses it: nspawn-runner does not touch it again");
+    Ok(())
+}
+
+/// Swaps two directory entries atomically (renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::new("path with NUL"));
+    let (a_c, b_c) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD makes them relative to our cwd.
+    let rc = unsafe {
+        libc::renameat2(libc::AT_FDCWD, a_c.as_ptr(), libc::AT_FDCWD, b_c.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    if rc != 0 {
+        return Err(Error::from(std::io::Error::last_os_error()).context(format!("exchanging {} and {}", a.display(), b.display())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_roles_for_image_list() {
+        let s = |t| SnapshotName::new(t, 1);
+        let leases = vec![("10_1".to_owned(), "77".to_owned())];
+        assert_eq!(snapshot_role(&s(30), Some(&s(30)), &[s(20)], &leases), "current");
+        assert_eq!(snapshot_role(&s(20), Some(&s(30)), &[s(20)], &leases), "kept");
+        assert_eq!(snapshot_role(&s(10), Some(&s(30)), &[s(20)], &leases), "leased by job 77");
+        assert_eq!(snapshot_role(&s(5), Some(&s(30)), &[s(20)], &leases), "unused (gc deletes it)");
+    }
+
+    #[test]
+    fn ages_are_short() {
+        assert_eq!(format_age(5), "5s");
+        assert_eq!(format_age(600), "10m");
+        assert_eq!(format_age(10_000), "2h");
+        assert_eq!(format_age(1_000_000), "11d");
+    }
+}

@@ -1,0 +1,114 @@
+//! What gitlab-runner tells a stage about the job: `CUSTOM_ENV_*` and the exit-code variables.
+
+use crate::error::{Error, Result};
+use crate::names::{ImageName, JobId};
+use once_cell::sync::Lazy;
+use serde::Deserialize;
+
+/// The job variables a stage needs (gitlab-runner prefixes them with `CUSTOM_ENV_`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct JobEnv {
+    #[serde(default, rename = "ci_job_id")]
+    pub job_id: Option<String>,
+    #[serde(default, rename = "ci_job_image")]
+    pub job_image: Option<String>,
+}
+
+impl JobEnv {
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(std::env::vars())
+    }
+
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        envy::prefixed("CUSTOM_ENV_")
+            .from_iter(vars)
+            .map_err(|e| Error::new(format!("invalid CUSTOM_ENV_* variable: {e}")))
+    }
+
+    /// The job id: `override_id` (from the command line) or CUSTOM_ENV_CI_JOB_ID.
+    pub fn job_id(&self, override_id: Option<&str>) -> Result<JobId> {
+        match override_id.or(self.job_id.as_deref()) {
+            Some(id) => JobId::parse(id),
+            None => Err(Error::new("no job id: CUSTOM_ENV_CI_JOB_ID is not set (use --job-id by hand)")),
+        }
+    }
+
+    /// The image: `override_image` (from the command line) or the job's `image:`, mapped.
+    pub fn image(&self, override_image: Option<&str>, default_image: &str) -> Result<ImageName> {
+        match override_image {
+            Some(name) => ImageName::parse(name),
+            None => ImageName::from_job_image(self.job_image.as_deref().unwrap_or(""), default_image),
+        }
+    }
+}
+
+/// The exit codes gitlab-runner asks for.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ExitCodes {
+    #[serde(default = "default_build_failure", rename = "build_failure_exit_code")]
+    pub build_failure: i32,
+    #[serde(default = "default_system_failure", rename = "system_failure_exit_code")]
+    pub system_failure: i32,
+}
+
+fn default_build_failure() -> i32 {
+    1
+}
+fn default_system_failure() -> i32 {
+    2
+}
+
+impl ExitCodes {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        // A malformed value must not hide the real error: fall back to gitlab-runner's defaults.
+        envy::from_iter(vars).unwrap_or(ExitCodes {
+            build_failure: default_build_failure(),
+            system_failure: default_system_failure(),
+        })
+    }
+}
+
+/// The exit codes of this process, read once.
+pub static EXIT_CODES: Lazy<ExitCodes> = Lazy::new(|| ExitCodes::from_vars(std::env::vars()));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn job_env_reads_prefixed_variables() {
+        let env = JobEnv::from_vars(vars(&[
+            ("CUSTOM_ENV_CI_JOB_ID", "4711"),
+            ("CUSTOM_ENV_CI_JOB_IMAGE", "debian:trixie"),
+            ("CI_JOB_ID", "999"),
+        ]))
+        .unwrap();
+        assert_eq!(env.job_id(None).unwrap().as_str(), "4711");
+        assert_eq!(env.job_id(Some("5")).unwrap().as_str(), "5");
+        assert_eq!(env.image(None, "default").unwrap().as_str(), "debian-trixie");
+        assert_eq!(env.image(Some("other"), "default").unwrap().as_str(), "other");
+    }
+
+    #[test]
+    fn missing_or_hostile_job_ids_are_errors() {
+        let env = JobEnv::from_vars(vars(&[])).unwrap();
+        assert!(env.job_id(None).is_err());
+        let env = JobEnv::from_vars(vars(&[("CUSTOM_ENV_CI_JOB_ID", "1/2")])).unwrap();
+        assert!(env.job_id(None).is_err());
+        assert_eq!(env.image(None, "bookworm").unwrap().as_str(), "bookworm");
+    }
+
+    #[test]
+    fn exit_codes_come_from_the_environment() {
+        let codes = ExitCodes::from_vars(vars(&[("BUILD_FAILURE_EXIT_CODE", "7"), ("SYSTEM_FAILURE_EXIT_CODE", "9")]));
+        assert_eq!((codes.build_failure, codes.system_failure), (7, 9));
+        let codes = ExitCodes::from_vars(vars(&[]));
+        assert_eq!((codes.build_failure, codes.system_failure), (1, 2));
+        let codes = ExitCodes::from_vars(vars(&[("BUILD_FAILURE_EXIT_CODE", "x")]));
+        assert_eq!((codes.build_failure, codes.system_failure), (1, 2));
+    }
+}

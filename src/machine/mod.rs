@@ -1,0 +1,216 @@
+//! Machine lifecycle: start a job's nspawn machine, run scripts in it, stop it.
+
+pub mod chroot;
+mod enter;
+mod notify;
+mod plain;
+pub mod state;
+mod systemd;
+
+use crate::error::{Context, Error, Result};
+use crate::settings::{Settings, SystemdMode};
+use crate::store::backend::JobRoot;
+use state::{JobState, Running};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use enter::ScriptOutcome;
+
+/// Everything needed to boot one job's machine.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    pub machine: String,
+    /// The snapshot to boot (never written to).
+    pub tree: PathBuf,
+    pub root: JobRoot,
+    /// Private directory for the job's writes (overlay upper dir lives in it).
+    pub job_dir: Option<PathBuf>,
+    /// Host path -> machine path, read-write.
+    pub binds: Vec<(PathBuf, String)>,
+    /// Host path -> machine path, read-only.
+    pub binds_ro: Vec<(PathBuf, String)>,
+    /// systemd unit properties (systemd-host path only).
+    pub properties: Vec<String>,
+    /// Where the machine's console output goes (plain path).
+    pub log: PathBuf,
+    pub ready_timeout: Duration,
+    /// How long a poweroff may take before the machine is killed.
+    pub stop_timeout: Duration,
+}
+
+/// The two worlds a runner host can be: systemd as PID 1 or not.
+pub trait Host {
+    /// Boots the machine and returns once it is ready; the unit name if one was made.
+    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
+    /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
+    fn stop(&self, state: &JobState, timeout: Duration) -> Result<()>;
+    /// Runs `script` with bash inside the machine; stdout/stderr go to ours.
+    fn run_script(&self, state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome>;
+}
+
+/// True when PID 1 is systemd (the same test as sd_booted(3)).
+pub fn systemd_is_pid1() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Chooses the host path from the settings and what PID 1 is.
+pub fn host(settings: &Settings) -> Box<dyn Host> {
+    let use_systemd = match settings.systemd {
+        SystemdMode::Yes => true,
+        SystemdMode::No => false,
+        SystemdMode::Auto => systemd_is_pid1(),
+    };
+    if use_systemd {
+        Box::new(systemd::SystemdHost)
+    } else {
+        Box::new(plain::PlainHost)
+    }
+}
+
+/// The unit a job machine runs in on a systemd host.
+pub fn unit_name(machine: &str) -> String {
+    format!("nspawn-runner-{machine}.service")
+}
+
+/// A PATH for programs we start: gitlab-runner's service environment may have almost none.
+const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// systemd-nspawn's command line for `spec`. `register` says whether machined is there.
+pub fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
+    let mut args = vec![
+        "--quiet".to_owned(),
+        "--boot".to_owned(),
+        "--notify-ready=yes".to_owned(),
+        // Job machines are thrown away: power off at once instead of stopping every service.
+        "--kill-signal=SIGRTMIN+14".to_owned(),
+        "--link-journal=no".to_owned(),
+        "--keep-unit".to_owned(),
+        format!("--register={}", if register { "yes" } else { "no" }),
+        format!("--machine={}", spec.machine),
+        format!("--directory={}", spec.tree.display()),
+    ];
+    match spec.root {
+        JobRoot::EphemeralSnapshot => args.push("--ephemeral".to_owned()),
+        JobRoot::Overlay => {
+            let upper = spec.job_dir.clone().unwrap_or_default().join("upper");
+            args.push(format!("--overlay={}:{}:/", escape(&spec.tree), escape(&upper)));
+        }
+    }
+    for (host, inside) in &spec.binds {
+        args.push(format!("--bind={}:{inside}", escape(host)));
+    }
+    for (host, inside) in &spec.binds_ro {
+        args.push(format!("--bind-ro={}:{inside}", escape(host)));
+    }
+    args
+}
+
+/// nspawn splits --bind/--overlay values at ':'; a backslash keeps one in a path.
+fn escape(path: &Path) -> String {
+    path.display().to_string().replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// Waits until `done` is true, polling, for at most `timeout`; true if it became true.
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first child of `pid` (nspawn's only child is the machine's init).
+fn first_child(pid: i32) -> Option<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+/// Describes the machine's processes, finding nspawn's ephemeral copy of the snapshot if any.
+fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Result<Running> {
+    let start = |pid| {
+        state::process_start_time(pid).ok_or_else(|| Error::new(format!("machine {} died while starting", spec.machine)))
+    };
+    let ephemeral = match spec.root {
+        JobRoot::EphemeralSnapshot => find_ephemeral_copy(leader_pid, &spec.tree)?,
+        JobRoot::Overlay => None,
+    };
+    Ok(Running {
+        nspawn_pid,
+        nspawn_start_time: start(nspawn_pid)?,
+        leader_pid,
+        leader_start_time: start(leader_pid)?,
+        ephemeral,
+    })
+}
+
+/// nspawn names its copy `.#machine.<tree name><random>` beside the tree; the one whose root
+/// is the machine's root directory (same device and inode) is ours.
+fn find_ephemeral_copy(leader_pid: i32, tree: &Path) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata(format!("/proc/{leader_pid}/root"))
+        .with_context(|| format!("looking at the root of machine process {leader_pid}"))?;
+    let Some(parent) = tree.parent() else { return Ok(None) };
+    let entries = std::fs::read_dir(parent).with_context(|| format!("listing {}", parent.display()))?;
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !entry.file_name().to_string_lossy().starts_with(crate::store::EPHEMERAL_PREFIX) {
+            continue;
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(entry.path()) {
+            if meta.dev() == root.dev() && meta.ino() == root.ino() {
+                return Ok(Some(entry.path()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(root: JobRoot) -> MachineSpec {
+        MachineSpec {
+            machine: "run-7".into(),
+            tree: "/store/img/1_2".into(),
+            root,
+            job_dir: Some("/store/.jobs/run-7".into()),
+            binds: vec![("/var/cache/a:b".into(), "/cache".into())],
+            binds_ro: vec![("/usr/bin/gitlab-runner".into(), "/usr/local/bin/gitlab-runner".into())],
+            properties: vec![],
+            log: "/run/x.log".into(),
+            ready_timeout: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn btrfs_jobs_boot_an_ephemeral_snapshot_of_the_target_tree() {
+        let args = nspawn_args(&spec(JobRoot::EphemeralSnapshot), false);
+        assert!(args.contains(&"--ephemeral".to_owned()));
+        assert!(args.contains(&"--directory=/store/img/1_2".to_owned()));
+        assert!(args.contains(&"--register=no".to_owned()));
+        assert!(args.contains(&"--machine=run-7".to_owned()));
+        assert!(args.contains(&"--notify-ready=yes".to_owned()));
+        assert!(!args.iter().any(|a| a.starts_with("--overlay")));
+    }
+
+    #[test]
+    fn plain_jobs_boot_an_overlay_with_escaped_paths() {
+        let args = nspawn_args(&spec(JobRoot::Overlay), true);
+        assert!(args.contains(&"--overlay=/store/img/1_2:/store/.jobs/run-7/upper:/".to_owned()));
+        assert!(args.contains(&"--bind=/var/cache/a\\:b:/cache".to_owned()));
+        assert!(args.contains(&"--bind-ro=/usr/bin/gitlab-runner:/usr/local/bin/gitlab-runner".to_owned()));
+        assert!(args.contains(&"--register=yes".to_owned()));
+        assert!(!args.contains(&"--ephemeral".to_owned()));
+    }
+
+    #[test]
+    fn unit_names_follow_the_machine() {
+        assert_eq!(unit_name("run-7"), "nspawn-runner-run-7.service");
+    }
+}

@@ -1,0 +1,108 @@
+//! The plain host path (PID 1 is not systemd): nspawn detached in its own session, driven by signals.
+
+use super::notify::NotifySocket;
+use super::state::{JobState, Running};
+use super::{describe_running, enter, first_child, nspawn_args, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
+use crate::error::{Context, Error, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub struct PlainHost;
+
+/// How long to wait after SIGKILL before declaring a machine unkillable.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+impl Host for PlainHost {
+    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
+        let socket = NotifySocket::bind(&spec.machine)?;
+        let log = std::fs::File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
+        let log_err = log.try_clone().context("duplicating log file")?;
+        let mut command = Command::new("systemd-nspawn");
+        command
+            .args(nspawn_args(spec, false))
+            // Nothing of gitlab-runner's environment (job secrets, its TMPDIR) reaches nspawn.
+            .env_clear()
+            .env("PATH", SAFE_PATH)
+            .env("NOTIFY_SOCKET", socket.env_value())
+            // gitlab-runner waits for EOF on the stage's stdout/stderr: the machine must not hold them.
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: setsid is async-signal-safe. A new session keeps the machine out of the
+        // stage's process group, which gitlab-runner signals when the stage ends or times out.
+        unsafe {
+            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        }
+        let mut child = command.spawn().context("starting systemd-nspawn")?;
+        let nspawn_pid = child.id() as i32;
+        let ready = socket.wait_ready(spec.ready_timeout, || match child.try_wait() {
+            Ok(Some(status)) => Some(Error::new(format!(
+                "systemd-nspawn exited ({status}) before the machine was ready: {}",
+                log_tail(&spec.log)
+            ))),
+            _ => None,
+        });
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                kill_machine(nspawn_pid, first_child(nspawn_pid));
+                let _ = child.wait();
+                return Err(e.context(format!("starting machine {}", spec.machine)));
+            }
+        };
+        let leader_pid = ready
+            .leader_pid
+            .or_else(|| first_child(nspawn_pid))
+            .ok_or_else(|| Error::new(format!("machine {} has no init process", spec.machine)))?;
+        // The child is deliberately not waited for: it outlives this stage.
+        describe_running(nspawn_pid, leader_pid, spec).map(|running| (running, None))
+    }
+
+    fn stop(&self, state: &JobState, timeout: Duration) -> Result<()> {
+        let Some(running) = &state.running else { return Ok(()) };
+        let alive = || running.nspawn_alive() || running.leader_alive();
+        if !alive() {
+            return Ok(());
+        }
+        if running.nspawn_alive() {
+            // nspawn passes this on as its --kill-signal: an immediate poweroff of the machine.
+            let _ = kill(Pid::from_raw(running.nspawn_pid), Signal::SIGTERM);
+        }
+        if wait_until(timeout, || !alive()) {
+            return Ok(());
+        }
+        log::warn!("machine {} did not power off in {} s, killing it", state.machine, timeout.as_secs());
+        let leader = running.leader_alive().then_some(running.leader_pid);
+        kill_machine(if running.nspawn_alive() { running.nspawn_pid } else { 0 }, leader);
+        if wait_until(KILL_WAIT, || !alive()) {
+            Ok(())
+        } else {
+            Err(Error::new(format!("machine {} survived SIGKILL", state.machine)))
+        }
+    }
+
+    fn run_script(&self, _state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
+        enter::run_script(running, script, grace)
+    }
+}
+
+/// SIGKILLs the machine's init (which ends every process in it) and nspawn.
+fn kill_machine(nspawn_pid: i32, leader_pid: Option<i32>) {
+    if let Some(leader) = leader_pid {
+        let _ = kill(Pid::from_raw(leader), Signal::SIGKILL);
+    }
+    if nspawn_pid > 0 {
+        let _ = kill(Pid::from_raw(nspawn_pid), Signal::SIGKILL);
+    }
+}
+
+/// The last line nspawn wrote, for a one-line error message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+    format!("{} (full log: {})", last.trim(), log.display())
+}

@@ -1,0 +1,110 @@
+//! The systemd host path: each machine is a transient unit started by systemd-run and
+//! registered with machined, so limits apply and `machinectl list` shows it.
+
+use super::state::{JobState, Running};
+use super::{describe_running, enter, first_child, nspawn_args, unit_name, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
+use crate::error::{Context, Error, Result};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub struct SystemdHost;
+
+/// Runs a systemd tool with a clean environment, returning stdout; a failure carries its stderr.
+fn systemctl_like(program: &str, args: &[String]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(Error::new(format!(
+            "{program} {} failed ({}): {}",
+            args.first().map(String::as_str).unwrap_or(""),
+            output.status,
+            stderr.trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn unit_property(unit: &str, property: &str) -> Result<String> {
+    systemctl_like("systemctl", &["show".into(), format!("--property={property}"), "--value".into(), unit.into()])
+}
+
+impl Host for SystemdHost {
+    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
+        let unit = unit_name(&spec.machine);
+        let mut args = vec![
+            "--quiet".to_owned(),
+            format!("--unit={unit}"),
+            "--collect".to_owned(),
+            "--service-type=notify".to_owned(),
+            "--property=Slice=machine.slice".to_owned(),
+            // The machine's systemd manages its own cgroup subtree; a mixed kill sends SIGTERM
+            // to nspawn only, which powers the machine off (its --kill-signal).
+            "--property=Delegate=yes".to_owned(),
+            "--property=KillMode=mixed".to_owned(),
+            format!("--property=TimeoutStartSec={}", spec.ready_timeout.as_secs().max(1)),
+            format!("--property=TimeoutStopSec={}", spec.stop_timeout.as_secs().max(1)),
+        ];
+        args.extend(spec.properties.iter().map(|p| format!("--property={p}")));
+        args.push("--".to_owned());
+        args.push("systemd-nspawn".to_owned());
+        args.extend(nspawn_args(spec, true));
+        // systemd-run returns once the unit is started, i.e. after READY=1 (Type=notify).
+        if let Err(e) = systemctl_like("systemd-run", &args) {
+            let _ = stop_unit(&unit);
+            return Err(e.context(format!("starting machine {}", spec.machine)));
+        }
+        let started = (|| {
+            let nspawn_pid: i32 = unit_property(&unit, "MainPID")?
+                .parse()
+                .map_err(|_| Error::new(format!("unit {unit} has no main process")))?;
+            let leader_pid = first_child(nspawn_pid)
+                .ok_or_else(|| Error::new(format!("machine {} has no init process", spec.machine)))?;
+            describe_running(nspawn_pid, leader_pid, spec)
+        })();
+        match started {
+            Ok(running) => Ok((running, Some(unit))),
+            Err(e) => {
+                let _ = stop_unit(&unit);
+                Err(e)
+            }
+        }
+    }
+
+    fn stop(&self, state: &JobState, timeout: Duration) -> Result<()> {
+        let unit = state.unit.clone().unwrap_or_else(|| unit_name(&state.machine));
+        stop_unit(&unit)?;
+        let Some(running) = &state.running else { return Ok(()) };
+        if wait_until(timeout, || !running.leader_alive() && !running.nspawn_alive()) {
+            Ok(())
+        } else {
+            Err(Error::new(format!("machine {} is still running after stopping {unit}", state.machine)))
+        }
+    }
+
+    fn run_script(&self, state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
+        // The script joins the machine's unit cgroup, so the unit's limits (MemoryMax, TasksMax,
+        // CPUWeight) bind it like every other process of the machine.
+        let unit = state.unit.clone().unwrap_or_else(|| unit_name(&state.machine));
+        let cgroup = unit_property(&unit, "ControlGroup").ok().filter(|c| !c.is_empty());
+        enter::run_script_in_cgroup(running, script, grace, cgroup.as_deref())
+    }
+}
+
+/// Stops the unit (systemd escalates to SIGKILL after the unit's stop timeout); fine if absent.
+fn stop_unit(unit: &str) -> Result<()> {
+    let loaded = unit_property(unit, "LoadState").unwrap_or_default();
+    if loaded != "loaded" {
+        return Ok(());
+    }
+    systemctl_like("systemctl", &["stop".into(), unit.into()])?;
+    // A failed transient unit stays listed until reset; --collect handles most cases.
+    let _ = systemctl_like("systemctl", &["reset-failed".into(), unit.into()]);
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! The cleanup stage: power the job's machine off and remove everything the job left.
+
+use super::JobContext;
+use crate::error::{Error, Result};
+use std::path::{Component, Path, PathBuf};
+use crate::machine::state::JobState;
+use crate::machine::Host;
+use crate::machine;
+use crate::store::backend;
+
+/// Cleans up the job; a job that never started or is already gone is fine.
+pub fn cleanup(ctx: &JobContext) -> Result<()> {
+    if !ctx.settings.state_dir.exists() {
+        return Ok(());
+    }
+    let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
+    match ctx.states.load(&ctx.job)? {
+        Some(state) => clean_job(ctx, machine::host(&ctx.settings).as_ref(), &state),
+        None => ctx.states.remove(&ctx.job),
+    }
+}
+
+/// Stops the machine of `state` and removes its copies, job directory and state files.
+/// The caller holds the job lock.
+pub fn clean_job(ctx: &JobContext, host: &dyn Host, state: &JobState) -> Result<()> {
+    host.stop(state, ctx.settings.stop_timeout())?;
+    // nspawn removes its ephemeral copy when it exits normally; not when it was killed.
+    let ephemeral = state.running.as_ref().and_then(|r| r.ephemeral.as_ref());
+    let leftovers: Vec<&PathBuf> = ephemeral.into_iter().chain(state.job_dir.as_ref()).collect();
+    if !leftovers.is_empty() {
+        let store_backend = backend::detect(&state.store)?;
+        for path in leftovers {
+            if !is_inside(&state.store, path) {
+                return Err(Error::new(format!("refusing to delete {}: not inside the store", path.display())));
+            }
+            store_backend.delete(path)?;
+        }
+    }
+    ctx.states.remove(&ctx.job)
+}
+
+/// True when `path` lies strictly below `store` with no `..` that could lead out of it.
+fn is_inside(store: &Path, path: &Path) -> bool {
+    path.starts_with(store) && path != store && !path.components().any(|c| c == Component::ParentDir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_below_the_store_are_deleted() {
+        let store = Path::new("/var/lib/nspawn-runner");
+        assert!(is_inside(store, Path::new("/var/lib/nspawn-runner/.jobs/run-1")));
+        assert!(!is_inside(store, store));
+        assert!(!is_inside(store, Path::new("/var/lib/nspawn-runner/../../etc")));
+        assert!(!is_inside(store, Path::new("/var/lib/nspawn-runner-other/x")));
+        assert!(!is_inside(store, Path::new("/etc")));
+    }
+}

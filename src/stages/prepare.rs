@@ -1,0 +1,101 @@
+//! The prepare stage: pin the image's current snapshot and boot the job's machine on it.
+
+use super::JobContext;
+use crate::error::{Context, Result};
+use crate::lock::Mode;
+use crate::machine::state::JobState;
+use crate::machine::{self, MachineSpec};
+use crate::settings::CACHE_DIR_IN_MACHINE;
+use crate::store::backend::JobRoot;
+use crate::store::Store;
+use std::os::unix::fs::DirBuilderExt;
+
+/// Where the host's gitlab-runner binary appears in machines (first in their PATH).
+const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
+
+pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
+    let settings = &ctx.settings;
+    let image_name = ctx.env.image(image_override, &settings.default_image)?;
+    settings.ensure_state_dir()?;
+    let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
+    let host = machine::host(settings);
+
+    // A retry (gitlab-runner tries prepare up to 3 times) or a repeated prepare starts afresh.
+    if let Some(previous) = ctx.states.load(&ctx.job)? {
+        log::info!("job {}: cleaning up an earlier attempt", ctx.job);
+        super::cleanup::clean_job(ctx, host.as_ref(), &previous)?;
+    }
+
+    let store = Store::open(settings)?;
+    let image = store.image(&image_name);
+    let machine_name = ctx.job.machine_name();
+    let mut state = {
+        // Pinning: resolve `current` and record the lease before gc can look again.
+        image.must_exist()?;
+        let _pins = image.lock_pins(Mode::Shared)?;
+        let snapshot = image.current()?;
+        let state = JobState {
+            job_id: ctx.job.to_string(),
+            machine: machine_name.clone(),
+            store: store.root().to_path_buf(),
+            image: image_name.to_string(),
+            snapshot: snapshot.to_string(),
+            job_dir: None,
+            unit: None,
+            running: None,
+        };
+        ctx.states.save(&state)?;
+        state
+    };
+
+    let result = (|| {
+        let root = store.backend().job_root();
+        if root == JobRoot::Overlay {
+            state.job_dir = Some(store.create_job_dir(&machine_name)?);
+            ctx.states.save(&state)?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&settings.cache_dir)
+            .with_context(|| format!("creating cache dir {}", settings.cache_dir.display()))?;
+        let spec = MachineSpec {
+            machine: machine_name.clone(),
+            tree: image.dir().join(&state.snapshot),
+            root,
+            job_dir: state.job_dir.clone(),
+            binds: vec![(settings.cache_dir.clone(), CACHE_DIR_IN_MACHINE.to_owned())],
+            binds_ro: settings
+                .gitlab_runner_binary()
+                .map(|binary| (binary, GITLAB_RUNNER_IN_MACHINE.to_owned()))
+                .into_iter()
+                .collect(),
+            properties: settings.unit_properties(),
+            log: ctx.states.log_path(&ctx.job),
+            ready_timeout: settings.prepare_timeout(),
+            stop_timeout: settings.stop_timeout(),
+        };
+        let (running, unit) = host.start(&spec)?;
+        state.running = Some(running);
+        state.unit = unit;
+        ctx.states.save(&state)
+    })();
+
+    match result {
+        Ok(()) => {
+            println!(
+                "nspawn-runner: machine {machine_name} is up: image {image_name}, snapshot {} ({} store)",
+                state.snapshot,
+                store.backend().name()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // Leave nothing behind; gitlab-runner calls cleanup too, which then finds nothing.
+            if let Err(cleanup_error) = super::cleanup::clean_job(ctx, host.as_ref(), &state) {
+                log::warn!("cleaning up after the failed prepare: {cleanup_error}");
+            }
+            Err(e.context(format!("preparing job {}", ctx.job)))
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The run stage: one gitlab-runner script, run with bash as root inside the job's machine.
+
+use super::JobContext;
+use crate::error::{Error, Result};
+use crate::job::EXIT_CODES;
+use crate::machine::{self, ScriptOutcome};
+use std::path::Path;
+
+/// Runs `script` (stage `stage`, any name) in the job's machine. Ok(()) when it succeeded; a
+/// `Build` error when the script failed; a `System` error when the machine is gone or broken.
+pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
+    let state = ctx.states.load(&ctx.job)?.ok_or_else(|| {
+        Error::new(format!("job {}: no machine (prepare did not run, or cleanup already did)", ctx.job))
+    })?;
+    let running = state
+        .running
+        .as_ref()
+        .filter(|r| r.leader_alive())
+        .ok_or_else(|| Error::new(format!("job {}: machine {} is not running", ctx.job, state.machine)))?;
+    let host = machine::host(&ctx.settings);
+    match host.run_script(&state, running, script, ctx.settings.stop_timeout())? {
+        ScriptOutcome::Exited(0) => Ok(()),
+        ScriptOutcome::Exited(code) => {
+            if !running.leader_alive() {
+                return Err(Error::new(format!("machine {} died during stage {stage}", state.machine)));
+            }
+            record_exit_code(code);
+            Err(Error::build(format!("stage {stage} failed with exit code {code}")))
+        }
+        ScriptOutcome::Terminated => Err(Error::build(format!("stage {stage} was terminated"))),
+    }
+}
+
+/// Tells gitlab-runner the script's real exit code (>= 17.9 reads it with exit code 1, so
+/// `allow_failure: exit_codes` works). Written only together with a build failure exit.
+fn record_exit_code(code: i32) {
+    if EXIT_CODES.build_failure != 1 {
+        return; // gitlab-runner reads the file only when the stage exits 1
+    }
+    if let Some(path) = std::env::var_os("BUILD_EXIT_CODE_FILE").filter(|p| !p.is_empty()) {
+        if let Err(e) = std::fs::write(&path, format!("{code}\n")) {
+            log::warn!("cannot write {}: {e}", Path::new(&path).display());
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Garbage collection: old snapshots no job needs, leftovers of crashed transactions and jobs.
+
+use super::{Entry, Image, Store, PENDING_PREFIX};
+use crate::error::Result;
+use crate::lock::{Lock, Mode};
+use crate::machine::state::{JobState, StateDir};
+use crate::names::SnapshotName;
+use log::{info, warn};
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+/// What gc must not delete in one image.
+#[derive(Debug, Default)]
+pub struct InUse {
+    /// Snapshots leased by live jobs.
+    pub leased: HashSet<String>,
+    /// nspawn ephemeral copies (entry names) belonging to running machines.
+    pub ephemeral: HashSet<String>,
+    /// A live job has not recorded its ephemeral copy yet: keep every ephemeral entry.
+    pub job_starting: bool,
+}
+
+impl InUse {
+    /// Collects the leases on `image` held by live jobs of `states`.
+    pub fn from_states(image: &Image, states: &[(JobState, bool)]) -> InUse {
+        let mut in_use = InUse::default();
+        for (state, busy) in states {
+            if state.store != image.store().root() || state.image != image.name().as_str() || !state.is_live(*busy) {
+                continue;
+            }
+            in_use.leased.insert(state.snapshot.clone());
+            match state.running.as_ref().and_then(|r| r.ephemeral.as_ref()) {
+                Some(path) => {
+                    if let Some(name) = path.file_name() {
+                        in_use.ephemeral.insert(name.to_string_lossy().into_owned());
+                    }
+                }
+                None => in_use.job_starting |= state.running.is_none(),
+            }
+        }
+        in_use
+    }
+}
+
+/// Decides which entries of an image directory to delete. Pure, so it is unit-tested.
+/// `current` is `None` when the link is broken: then no snapshot is deleted at all.
+pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, keep: usize) -> Vec<String> {
+    let mut doomed = Vec::new();
+    if let Some(current) = current {
+        let mut others: Vec<&SnapshotName> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Snapshot(s) if s != current => Some(s),
+                _ => None,
+            })
+            .collect();
+        others.sort();
+        let deletable = others.len().saturating_sub(keep);
+        for snapshot in &others[..deletable] {
+            let name = snapshot.to_string();
+            if !in_use.leased.contains(&name) {
+                doomed.push(name);
+            }
+        }
+    }
+    for entry in entries {
+        match entry {
+            Entry::Pending(name) => doomed.push(name.clone()),
+            Entry::Ephemeral(name) if !in_use.job_starting && !in_use.ephemeral.contains(name) => {
+                doomed.push(name.clone())
+            }
+            Entry::Bookkeeping(name) if name.starts_with(".current.") => doomed.push(name.clone()),
+            _ => {}
+        }
+    }
+    doomed
+}
+
+/// Runs gc on one image. The caller may already hold the image's transaction lock.
+pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize, transaction_lock: Option<&Lock>) -> Result<Vec<String>> {
+    let _own_lock = match transaction_lock {
+        Some(_) => None,
+        None => Some(image.lock_transactions()?),
+    };
+    let mut moved = Vec::new();
+    {
+        // Under the pin lock no job can pin a snapshot we are about to delete. Victims are only
+        // renamed to pending names here (fast); the slow deletion happens after the lock is released.
+        let _pins = image.lock_pins(Mode::Exclusive)?;
+        let states = state_dir.all()?;
+        let in_use = InUse::from_states(image, &states);
+        let current = image.current().ok();
+        for name in plan(&image.entries()?, current.as_ref(), &in_use, keep) {
+            let from = image.dir().join(&name);
+            if name.starts_with(PENDING_PREFIX) || name.starts_with(".current.") {
+                moved.push((name, from));
+                continue;
+            }
+            let to = image.dir().join(format!("{PENDING_PREFIX}gc-{name}"));
+            match std::fs::rename(&from, &to) {
+                Ok(()) => moved.push((name, to)),
+                Err(e) => warn!("gc: cannot move {} aside: {e}", from.display()),
+            }
+        }
+    }
+    let mut deleted = Vec::new();
+    for (name, path) in moved {
+        let result = if std::fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
+            image.store().backend().delete(&path)
+        } else {
+            std::fs::remove_file(&path).map_err(Into::into)
+        };
+        match result {
+            Ok(()) => {
+                info!("gc: image {}: deleted {name}", image.name());
+                deleted.push(name);
+            }
+            Err(e) => warn!("gc: image {}: cannot delete {name}: {e}", image.name()),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Removes what crashed jobs left in `store`: state files of machines that no longer run, their
+/// job directories and ephemeral copies, and job directories nobody claims.
+pub fn reap_jobs(store: &Store, state_dir: &StateDir) -> Result<Vec<String>> {
+    let mut reaped = Vec::new();
+    let states = state_dir.all()?;
+    let mut claimed = HashSet::new();
+    for (state, busy) in &states {
+        if state.store != store.root() {
+            continue;
+        }
+        if state.is_live(*busy) {
+            claimed.insert(state.machine.clone());
+            continue;
+        }
+        let Ok(job) = crate::names::JobId::parse(&state.job_id) else { continue };
+        // Lock it so a prepare or cleanup of the same job cannot start meanwhile.
+        let Ok(Some(_lock)) = state_dir.try_lock_job(&job) else { continue };
+        let mut leftovers: Vec<PathBuf> = state.job_dir.iter().cloned().collect();
+        leftovers.extend(state.running.as_ref().and_then(|r| r.ephemeral.clone()));
+        for path in leftovers {
+            store.backend().delete(&path)?;
+        }
+        state_dir.remove(&job)?;
+        reaped.push(state.machine.clone());
+    }
+    for machine in store.job_dirs()? {
+        if !claimed.contains(&machine) && !reaped.contains(&machine) {
+            store.backend().delete(&store.job_dir(&machine))?;
+            reaped.push(machine);
+        }
+    }
+    Ok(reaped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(t: u64) -> SnapshotName {
+        SnapshotName::new(t, 1)
+    }
+
+    fn entries(times: &[u64], extra: &[Entry]) -> Vec<Entry> {
+        times.iter().map(|t| Entry::Snapshot(snap(*t))).chain(extra.iter().cloned()).collect()
+    }
+
+    #[test]
+    fn keeps_current_and_the_newest_previous_ones() {
+        let e = entries(&[10, 20, 30, 40], &[]);
+        let mut doomed = plan(&e, Some(&snap(40)), &InUse::default(), 1);
+        doomed.sort();
+        assert_eq!(doomed, ["10_1", "20_1"]);
+        assert!(plan(&e, Some(&snap(40)), &InUse::default(), 3).is_empty());
+        assert_eq!(plan(&e, Some(&snap(40)), &InUse::default(), 0).len(), 3);
+    }
+
+    #[test]
+    fn after_a_rollback_the_newer_snapshot_counts_as_kept() {
+        let e = entries(&[10, 20, 30], &[]);
+        assert_eq!(plan(&e, Some(&snap(20)), &InUse::default(), 1), ["10_1"]);
+    }
+
+    #[test]
+    fn leased_snapshots_survive() {
+        let e = entries(&[10, 20, 30], &[]);
+        let in_use = InUse { leased: ["10_1".to_string()].into(), ..Default::default() };
+        assert!(plan(&e, Some(&snap(30)), &in_use, 1).is_empty());
+        assert_eq!(plan(&e, Some(&snap(30)), &in_use, 0), ["20_1"]);
+    }
+
+    #[test]
+    fn a_broken_current_deletes_no_snapshot() {
+        let e = entries(&[10, 20], &[Entry::Pending(".tx-30_1".into())]);
+        assert_eq!(plan(&e, None, &InUse::default(), 0), [".tx-30_1"]);
+    }
+
+    #[test]
+    fn leftovers_go_but_running_machines_and_foreign_files_stay() {
+        let e = entries(
+            &[10],
+            &[
+                Entry::Pending(".tx-11_1".into()),
+                Entry::Ephemeral(".#machine.10_1abc".into()),
+                Entry::Ephemeral(".#machine.10_1def".into()),
+                Entry::Bookkeeping("current".into()),
+                Entry::Bookkeeping(".current.55".into()),
+                Entry::Foreign("notes.txt".into()),
+            ],
+        );
+        let in_use = InUse { ephemeral: [".#machine.10_1abc".to_string()].into(), ..Default::default() };
+        let doomed = plan(&e, Some(&snap(10)), &in_use, 1);
+        assert_eq!(doomed, [".tx-11_1", ".#machine.10_1def", ".current.55"]);
+        let starting = InUse { job_starting: true, ..in_use };
+        assert_eq!(plan(&e, Some(&snap(10)), &starting, 1), [".tx-11_1", ".current.55"]);
+    }
+}

@@ -1,0 +1,304 @@
+//! The image store: `ROOT/NAME/` with `<unix-time>_<pid>` snapshots and the `current` symlink.
+
+pub mod backend;
+pub mod gc;
+pub mod transaction;
+
+use crate::error::{Context, Error, Result};
+use crate::lock::{Lock, Mode};
+use crate::names::{ImageName, SnapshotName};
+use crate::settings::Settings;
+use backend::Backend;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The symlink naming the snapshot in production.
+pub const CURRENT: &str = "current";
+/// Prefix of a snapshot a transaction is still working on.
+pub const PENDING_PREFIX: &str = ".tx-";
+/// Prefix of the ephemeral copies systemd-nspawn makes next to the tree it boots.
+pub const EPHEMERAL_PREFIX: &str = ".#machine.";
+/// Serialises transactions on one image.
+const TRANSACTION_LOCK: &str = ".lock";
+/// Taken shared while a job pins a snapshot, exclusive while gc decides what to delete.
+const PIN_LOCK: &str = ".pin.lock";
+/// Per-job writable layers (overlay upper dirs) live here, beside the images.
+const JOBS_DIR: &str = ".jobs";
+
+/// An image store rooted at `NSPAWN_RUNNER_ROOT`.
+pub struct Store {
+    root: PathBuf,
+    backend: Box<dyn Backend>,
+    lock_timeout: Duration,
+}
+
+impl Store {
+    /// Opens the store; it must exist (`image create` or `image import` makes it).
+    pub fn open(settings: &Settings) -> Result<Store> {
+        let root = settings.root.clone();
+        let meta = std::fs::metadata(&root)
+            .with_context(|| format!("no image store at {} (create an image first)", root.display()))?;
+        if !meta.is_dir() {
+            return Err(Error::new(format!("image store {} is not a directory", root.display())));
+        }
+        let backend = backend::detect(&root)?;
+        Ok(Store { root, backend, lock_timeout: settings.lock_timeout() })
+    }
+
+    /// Opens the store, creating its root directory (root-only) if it does not exist yet.
+    pub fn open_or_create(settings: &Settings) -> Result<Store> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.root)
+            .with_context(|| format!("creating image store {}", settings.root.display()))?;
+        Store::open(settings)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn image(&self, name: &ImageName) -> Image<'_> {
+        Image { store: self, dir: self.root.join(name.as_str()), name: name.clone() }
+    }
+
+    /// Every image in the store (directories with a valid name), sorted.
+    pub fn images(&self) -> Result<Vec<ImageName>> {
+        let mut names = Vec::new();
+        for entry in read_dir(&self.root)? {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(image) = ImageName::parse(name) {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    names.push(image);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The directory holding one job's private writable layer.
+    pub fn job_dir(&self, machine: &str) -> PathBuf {
+        self.root.join(JOBS_DIR).join(machine)
+    }
+
+    /// Creates the job's private directory, empty (an earlier attempt's is thrown away).
+    pub fn create_job_dir(&self, machine: &str) -> Result<PathBuf> {
+        let dir = self.job_dir(machine);
+        self.backend.delete(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("upper"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Names of every job directory present (for gc of crashed jobs).
+    pub fn job_dirs(&self) -> Result<Vec<String>> {
+        let dir = self.root.join(JOBS_DIR);
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        Ok(read_dir(&dir)?.filter_map(|e| e.file_name().into_string().ok()).collect())
+    }
+}
+
+/// What one entry of an image directory is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Snapshot(SnapshotName),
+    /// A transaction's work in progress (or the leftover of a crashed one).
+    Pending(String),
+    /// nspawn's ephemeral copy for a running (or crashed) job.
+    Ephemeral(String),
+    /// The `current` link, lock files.
+    Bookkeeping(String),
+    /// Anything else; never touched.
+    Foreign(String),
+}
+
+/// One image of the store.
+pub struct Image<'s> {
+    store: &'s Store,
+    name: ImageName,
+    dir: PathBuf,
+}
+
+impl Image<'_> {
+    pub fn name(&self) -> &ImageName {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn store(&self) -> &Store {
+        self.store
+    }
+
+    /// True when the image directory uses this layout (has a `current` link, even a broken one).
+    pub fn exists(&self) -> bool {
+        std::fs::symlink_metadata(self.dir.join(CURRENT)).is_ok()
+    }
+
+    /// Fails with a helpful message when the image does not exist.
+    pub fn must_exist(&self) -> Result<()> {
+        if self.exists() {
+            return Ok(());
+        }
+        let available = self.store.images().unwrap_or_default();
+        let available: Vec<&str> = available.iter().map(ImageName::as_str).collect();
+        if self.dir.is_dir() && self.dir.join("usr").is_dir() {
+            return Err(Error::new(format!(
+                "image {} is in the old single-tree layout; run `nspawn-runner image adopt {}`",
+                self.name, self.name
+            )));
+        }
+        Err(Error::new(format!(
+            "image {} does not exist in {} (available: {})",
+            self.name,
+            self.store.root.display(),
+            if available.is_empty() { "none".to_owned() } else { available.join(", ") }
+        )))
+    }
+
+    pub fn snapshot_path(&self, snapshot: &SnapshotName) -> PathBuf {
+        self.dir.join(snapshot.to_string())
+    }
+
+    /// The snapshot `current` points to, checked to be a snapshot directory of this image.
+    pub fn current(&self) -> Result<SnapshotName> {
+        self.must_exist()?;
+        let link = self.dir.join(CURRENT);
+        let target = std::fs::read_link(&link).with_context(|| format!("reading {}", link.display()))?;
+        let target_str = target.to_str().unwrap_or("");
+        let snapshot = SnapshotName::parse(target_str).map_err(|_| {
+            Error::new(format!(
+                "image {}: {} points to {:?}, which is not a snapshot of this image",
+                self.name,
+                link.display(),
+                target
+            ))
+        })?;
+        let path = self.snapshot_path(&snapshot);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => Ok(snapshot),
+            _ => Err(Error::new(format!(
+                "image {}: {} is dangling (snapshot {} is missing)",
+                self.name,
+                link.display(),
+                snapshot
+            ))),
+        }
+    }
+
+    /// Every entry of the image directory, classified.
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        for entry in read_dir(&self.dir)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            entries.push(classify(&name, is_dir));
+        }
+        Ok(entries)
+    }
+
+    /// Committed snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotName>> {
+        let mut snapshots: Vec<SnapshotName> = self
+            .entries()?
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Snapshot(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        snapshots.sort();
+        Ok(snapshots)
+    }
+
+    /// Atomically points `current` at `snapshot`: a new symlink renamed over the old one, then
+    /// the directory is fsynced so the switch survives a crash.
+    pub fn switch_current(&self, snapshot: &SnapshotName) -> Result<()> {
+        let path = self.snapshot_path(snapshot);
+        if !std::fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(Error::new(format!("image {}: no snapshot {}", self.name, snapshot)));
+        }
+        let temp = self.dir.join(format!(".{CURRENT}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&temp);
+        std::os::unix::fs::symlink(snapshot.to_string(), &temp)
+            .with_context(|| format!("creating {}", temp.display()))?;
+        if let Err(e) = std::fs::rename(&temp, self.dir.join(CURRENT)) {
+            let _ = std::fs::remove_file(&temp);
+            return Err(Error::from(e).context(format!("switching {}/current", self.dir.display())));
+        }
+        fsync_dir(&self.dir)
+    }
+
+    /// Serialises transactions on this image.
+    pub fn lock_transactions(&self) -> Result<Lock> {
+        Lock::acquire(
+            &self.dir.join(TRANSACTION_LOCK),
+            Mode::Exclusive,
+            self.store.lock_timeout,
+            &format!("image {} (another maintenance is running)", self.name),
+        )
+    }
+
+    /// Shared by jobs pinning a snapshot; exclusive for gc.
+    pub fn lock_pins(&self, mode: Mode) -> Result<Lock> {
+        Lock::acquire(&self.dir.join(PIN_LOCK), mode, self.store.lock_timeout, &format!("image {}", self.name))
+    }
+}
+
+fn classify(name: &str, is_dir: bool) -> Entry {
+    if let Ok(snapshot) = SnapshotName::parse(name) {
+        if is_dir {
+            return Entry::Snapshot(snapshot);
+        }
+    }
+    if name.starts_with(PENDING_PREFIX) {
+        Entry::Pending(name.to_owned())
+    } else if name.starts_with(EPHEMERAL_PREFIX) {
+        Entry::Ephemeral(name.to_owned())
+    } else if name == CURRENT || name == TRANSACTION_LOCK || name == PIN_LOCK || name.starts_with(".current.") {
+        Entry::Bookkeeping(name.to_owned())
+    } else {
+        Entry::Foreign(name.to_owned())
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<impl Iterator<Item = std::fs::DirEntry>> {
+    Ok(std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.filter_map(|e| e.ok()))
+}
+
+/// fsyncs a directory, making renames and new entries in it durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    file.sync_all().with_context(|| format!("fsync {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_classified_by_name_and_type() {
+        assert_eq!(classify("1700000000_12", true), Entry::Snapshot(SnapshotName::new(1700000000, 12)));
+        assert_eq!(classify("1700000000_12", false), Entry::Foreign("1700000000_12".into()));
+        assert_eq!(classify(".tx-1_2", true), Entry::Pending(".tx-1_2".into()));
+        assert_eq!(classify(".#machine.1_2abc", true), Entry::Ephemeral(".#machine.1_2abc".into()));
+        assert_eq!(classify("current", false), Entry::Bookkeeping("current".into()));
+        assert_eq!(classify(".current.77", false), Entry::Bookkeeping(".current.77".into()));
+        assert_eq!(classify("etc", true), Entry::Foreign("etc".into()));
+    }
+}
