@@ -20,8 +20,8 @@
 #   DEB_CHECK_MIRROR  Debian mirror (default http://deb.debian.org/debian)
 #   DEB_CHECK_STEPS   which steps to run: "build,lintian,job,purge" (default all;
 #                     job and purge need the .deb from build in the same work dir)
-#   DEB_CHECK_KEEP_IMAGE=1  keep the cached bookworm image tarball between runs
-#                     (it is kept anyway within a run)
+#   DEB_CHECK_TREE    what to build: "worktree" (default: the files git tracks or
+#                     would track, as they are on disk) or "head" (git archive HEAD)
 #   DEB_BUILD_OPTIONS passed to dpkg-buildpackage (e.g. nocheck)
 
 set -euo pipefail
@@ -106,8 +106,12 @@ if want build; then
     log "copying the source tree $SRC"
     rm -rf -- "$WORK/src" "$OUT"
     mkdir -p "$WORK/src/nspawn-runner" "$OUT"
-    if git -C "$SRC" rev-parse --git-dir >/dev/null 2>&1; then
-        # tracked + untracked-but-not-ignored files: a clean clone gives HEAD
+    if [ "${DEB_CHECK_TREE:-worktree}" = head ]; then
+        # the last commit only
+        git -C "$SRC" archive --format=tar HEAD | tar -C "$WORK/src/nspawn-runner" -xf -
+    elif git -C "$SRC" rev-parse --git-dir >/dev/null 2>&1; then
+        # tracked + untracked-but-not-ignored files as they are on disk
+        # (a clean clone gives HEAD)
         git -C "$SRC" ls-files -z --cached --others --exclude-standard \
             | (cd "$SRC" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] || [ -L "$f" ] && printf "%s\0" "$f"; done' sh) \
             | tar -C "$SRC" --null -T - -cf - | tar -C "$WORK/src/nspawn-runner" -xf -
