@@ -8,7 +8,8 @@
 #
 # BINARY defaults to $NSPAWN_RUNNER_BIN or ./nspawn-runner (next to this script).
 # Knobs: SUITE_PATHS="systemd plain" (which host paths to run the job scenarios on),
-#        SUITE_MAINT=1 (transactional maintenance + gc checks), SUITE_VERBOSE=1.
+#        SUITE_MAINT=1 (transactional maintenance + gc checks), SUITE_CRASH=1 (machine
+#        killed under a job), SUITE_VERBOSE=1.
 # Prints PASS:/FAIL: lines and "N passed, N failed"; exit status 0 only if all passed.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -271,6 +272,42 @@ echo build-done'
         sh -c "[ $RC = 2 ] && grep -q '^nspawn-runner: ' '$ERR'"
 }
 
+# ---- the machine dies under the job (nspawn SIGKILLed: it cannot remove its ephemeral copy) ----
+crash_scenario() {  # crash_scenario MODE(systemd|plain)
+    local mode="$1" id="vm-crash-$1-$RANDOM" t
+    local machine="run-$id" unit="nspawn-runner-run-$id.service"
+    JOB_MODE=$([ "$mode" = systemd ] && echo yes || echo no)
+    section "machine killed under a job on the $mode path (job $id)"
+    job_env "$id"
+    local P="[$mode crash]"
+    t=$(ts); stage prepare
+    check "$P prepare exits 0 ($(dt "$t") s)" [ $RC = 0 ]
+    [ $RC = 0 ] || show "$ERR" "prepare err"
+    if [ "$mode" = systemd ]; then
+        systemctl kill -s KILL "$unit"
+    else
+        pkill -KILL -f "[s]ystemd-nspawn.*--machine=$machine"
+    fi
+    wait_for 20 sh -c "! pgrep -f '[s]ystemd-nspawn.*--machine=$machine' >/dev/null"
+    check "$P the killed nspawn left its ephemeral copy behind ($(ephemeral_copies | wc -l) found)" [ -n "$(ephemeral_copies)" ]
+    run_body build_script 'echo hi'
+    check "$P run in a dead machine -> system failure 2 (got $RC) with 'nspawn-runner:' on stderr" \
+        sh -c "[ $RC = 2 ] && grep -q '^nspawn-runner: ' '$ERR'"
+    show "$ERR" "run err"
+    t=$(ts); stage cleanup
+    check "$P cleanup exits 0 ($(dt "$t") s)" [ $RC = 0 ]
+    [ $RC = 0 ] || show "$ERR" "cleanup err"
+    check "$P cleanup removed the leftover ephemeral copy" [ -z "$(ephemeral_copies)" ]
+    check "$P no .lck files of ephemeral copies left" sh -c "[ -z \"\$(find '$STORE/$IMG' -maxdepth 1 -name '.#.#machine.*')\" ]"
+    check "$P nothing left: machine, unit, state file, container processes" sh -c "
+        ! machinectl list --no-legend | grep -q '^$machine ' &&
+        ! systemctl show '$unit' -p LoadState --value | grep -qx loaded &&
+        [ ! -e '$STATE_DIR/$id.json' ] &&
+        ! pgrep -f '[s]ystemd-nspawn.*--machine=$machine' >/dev/null"
+    # leftover .lck files from nspawn are harmless but shown
+    find "$STORE/$IMG" -maxdepth 1 -name '.#*' | sed 's/^/    left| /'
+}
+
 # ---- prepare failures -----------------------------------------------------------------------
 failure_scenarios() {
     section "system failures"
@@ -348,6 +385,7 @@ maint_scenario() {
 }
 
 for p in $SUITE_PATHS; do job_scenario "$p"; done
+[ "${SUITE_CRASH:-1}" = 1 ] && for p in $SUITE_PATHS; do crash_scenario "$p"; done
 failure_scenarios
 [ "$SUITE_MAINT" = 1 ] && maint_scenario
 
