@@ -50,8 +50,9 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
 
     let result = (|| {
         let root = store.backend().job_root();
+        let tree = image.dir().join(&state.snapshot);
         if root == JobRoot::Overlay {
-            state.job_dir = Some(store.create_job_dir(&machine_name)?);
+            state.job_dir = Some(store.create_job_dir(&machine_name, &tree)?);
             ctx.states.save(&state)?;
         }
         std::fs::DirBuilder::new()
@@ -61,7 +62,7 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
             .with_context(|| format!("creating cache dir {}", settings.cache_dir.display()))?;
         let spec = MachineSpec {
             machine: machine_name.clone(),
-            tree: image.dir().join(&state.snapshot),
+            tree,
             root,
             job_dir: state.job_dir.clone(),
             binds: vec![(settings.cache_dir.clone(), CACHE_DIR_IN_MACHINE.to_owned())],

@@ -9,7 +9,7 @@ use crate::lock::{Lock, Mode};
 use crate::names::{ImageName, SnapshotName};
 use crate::settings::Settings;
 use backend::Backend;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -89,15 +89,26 @@ impl Store {
         self.root.join(JOBS_DIR).join(machine)
     }
 
-    /// Creates the job's private directory, empty (an earlier attempt's is thrown away).
-    pub fn create_job_dir(&self, machine: &str) -> Result<PathBuf> {
+    /// Creates the job's private directory, empty (an earlier attempt's is thrown away), with
+    /// an overlay upper dir whose owner and mode are those of `tree`'s root: overlayfs shows
+    /// the upper dir's attributes as the machine's `/`, and a 0700 root locks out every
+    /// service that does not run as root.
+    pub fn create_job_dir(&self, machine: &str, tree: &Path) -> Result<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
         let dir = self.job_dir(machine);
         self.backend.delete(&dir)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir.join("upper"))
+            .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
+        let root = std::fs::metadata(tree).with_context(|| format!("stat {}", tree.display()))?;
+        let upper = dir.join("upper");
+        std::fs::create_dir(&upper).with_context(|| format!("creating {}", upper.display()))?;
+        std::os::unix::fs::chown(&upper, Some(root.uid()), Some(root.gid()))
+            .with_context(|| format!("chown {}", upper.display()))?;
+        std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(root.mode() & 0o7777))
+            .with_context(|| format!("chmod {}", upper.display()))?;
         Ok(dir)
     }
 
