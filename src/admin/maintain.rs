@@ -39,6 +39,8 @@ pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
         .split_first()
         .ok_or_else(|| Error::new("give an image name, or --all"))?;
     let name = ImageName::parse(name)?;
+    // argh keeps the `--` that separates the command from our options.
+    let command = command.strip_prefix(&["--".to_owned()]).unwrap_or(command);
     let work = match (command.is_empty(), args.script) {
         (false, Some(_)) => return Err(Error::new("give either --script or a command, not both")),
         (false, None) => Work::Command(command.to_vec()),
