@@ -22,6 +22,8 @@
 #                     job and purge need the .deb from build in the same work dir)
 #   DEB_CHECK_TREE    what to build: "worktree" (default: the files git tracks or
 #                     would track, as they are on disk) or "head" (git archive HEAD)
+#   DEB_CHECK_PATCH   a patch (-p1) applied to the copied tree before building,
+#                     to try a fix without committing it
 #   DEB_BUILD_OPTIONS passed to dpkg-buildpackage (e.g. nocheck)
 
 set -euo pipefail
@@ -55,6 +57,7 @@ command -v mmdebstrap >/dev/null || need_pkgs+=(mmdebstrap)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 command -v findmnt >/dev/null || need_pkgs+=(util-linux)
 command -v git >/dev/null || need_pkgs+=(git)
+[ -z "${DEB_CHECK_PATCH:-}" ] || command -v patch >/dev/null || need_pkgs+=(patch)
 # mmdebstrap needs the trixie signing keys; bookworm's keyring has them.
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need_pkgs+=(debian-archive-keyring)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -119,6 +122,10 @@ if want build; then
         tar -C "$SRC" --exclude=./target --exclude=./.git -cf - . | tar -C "$WORK/src/nspawn-runner" -xf -
     fi
     [ -f "$WORK/src/nspawn-runner/debian/control" ] || die "no debian/control in the copied tree"
+    if [ -n "${DEB_CHECK_PATCH:-}" ]; then
+        log "applying $DEB_CHECK_PATCH to the copy"
+        patch -d "$WORK/src/nspawn-runner" -p1 < "$DEB_CHECK_PATCH" || die "$DEB_CHECK_PATCH does not apply"
+    fi
 
     log "building in a clean trixie chroot (mmdebstrap, build-deps from Debian's archive)"
     tb="$(date +%s)"
@@ -166,7 +173,7 @@ EOS
         pass "dpkg-buildpackage -us -uc -b in a clean trixie chroot, offline ($(( $(date +%s) - tb ))s): $(cd "$OUT" && ls nspawn-runner_*.deb)"
     else
         tail -30 "$OUT/build-dep.log" >&2 || true
-        tail -60 "$OUT/build.log" >&2 || true
+        grep -v '^ *Running `' "$OUT/build.log" | tail -60 >&2 || true
         die "dpkg-buildpackage failed, see $OUT/build.log"
     fi
     if grep -qiE 'crates\.io|index\.crates|Downloading crates' "$OUT/build.log"; then

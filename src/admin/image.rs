@@ -70,12 +70,7 @@ pub fn bootstrap(tree: &Path, suite: &str, mirror: Option<&str>, extra: &[String
 /// called `run-<job id>`), and the host's resolver configuration.
 fn make_bootable(tree: &Path) -> Result<()> {
     for file in ["etc/hostname", "etc/resolv.conf"] {
-        match std::fs::remove_file(tree.join(file)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::from(e).context(format!("removing {file} from the new tree")))
-            }
-            _ => {}
-        }
+        crate::store::remove_if_present(&tree.join(file))?;
     }
     if !tree.join("usr/lib/systemd/systemd").exists() && !tree.join("lib/systemd/systemd").exists() {
         return Err(Error::new(format!("{} has no systemd: it could not boot", tree.display())));

@@ -4,6 +4,7 @@ use crate::error::{Context, Error, Result};
 use crate::lock::{Lock, Mode};
 use crate::names::JobId;
 use crate::settings::Settings;
+use crate::store::remove_if_present;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -120,12 +121,7 @@ impl StateDir {
     /// Removes the job's state, log and lock files.
     pub fn remove(&self, job: &JobId) -> Result<()> {
         for path in [self.path(job), self.log_path(job), self.lock_path(job.as_str())] {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::from(e).context(format!("removing {}", path.display())))
-                }
-                _ => {}
-            }
+            remove_if_present(&path)?;
         }
         Ok(())
     }

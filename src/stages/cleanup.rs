@@ -7,6 +7,7 @@ use crate::machine::state::JobState;
 use crate::machine::Host;
 use crate::machine;
 use crate::store::backend;
+use crate::store::{nspawn_lock_path, remove_if_present};
 
 /// Cleans up the job; a job that never started or is already gone is fine.
 pub fn cleanup(ctx: &JobContext) -> Result<()> {
@@ -35,6 +36,10 @@ pub fn clean_job(ctx: &JobContext, host: &dyn Host, state: &JobState) -> Result<
             }
             store_backend.delete(path)?;
         }
+    }
+    if let Some(lock) = ephemeral.and_then(|e| nspawn_lock_path(e)) {
+        // A killed nspawn also leaves the lock file of its copy behind.
+        remove_if_present(&lock)?;
     }
     ctx.states.remove(&ctx.job)
 }

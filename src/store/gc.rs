@@ -18,6 +18,8 @@ pub struct InUse {
     pub ephemeral: HashSet<String>,
     /// A live job has not recorded its ephemeral copy yet: keep every ephemeral entry.
     pub job_starting: bool,
+    /// nspawn lock files that a running nspawn holds.
+    pub held_locks: HashSet<String>,
 }
 
 impl InUse {
@@ -70,6 +72,7 @@ pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, k
                 doomed.push(name.clone())
             }
             Entry::Bookkeeping(name) if name.starts_with(".current.") => doomed.push(name.clone()),
+            Entry::NspawnLock(name) if !in_use.held_locks.contains(name) => doomed.push(name.clone()),
             _ => {}
         }
     }
@@ -88,11 +91,19 @@ pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize, transacti
         // renamed to pending names here (fast); the slow deletion happens after the lock is released.
         let _pins = image.lock_pins(Mode::Exclusive)?;
         let states = state_dir.all()?;
-        let in_use = InUse::from_states(image, &states);
+        let mut in_use = InUse::from_states(image, &states);
+        let entries = image.entries()?;
+        for entry in &entries {
+            if let Entry::NspawnLock(name) = entry {
+                if Lock::try_acquire(&image.dir().join(name), Mode::Exclusive)?.is_none() {
+                    in_use.held_locks.insert(name.clone());
+                }
+            }
+        }
         let current = image.current().ok();
-        for name in plan(&image.entries()?, current.as_ref(), &in_use, keep) {
+        for name in plan(&entries, current.as_ref(), &in_use, keep) {
             let from = image.dir().join(&name);
-            if name.starts_with(PENDING_PREFIX) || name.starts_with(".current.") {
+            if name.starts_with(PENDING_PREFIX) || name.starts_with(".current.") || name.ends_with(".lck") {
                 moved.push((name, from));
                 continue;
             }
@@ -208,12 +219,18 @@ mod tests {
                 Entry::Bookkeeping("current".into()),
                 Entry::Bookkeeping(".current.55".into()),
                 Entry::Foreign("notes.txt".into()),
+                Entry::NspawnLock(".#10_1.lck".into()),
+                Entry::NspawnLock(".#.#machine.10_1def.lck".into()),
             ],
         );
-        let in_use = InUse { ephemeral: [".#machine.10_1abc".to_string()].into(), ..Default::default() };
+        let in_use = InUse {
+            ephemeral: [".#machine.10_1abc".to_string()].into(),
+            held_locks: [".#10_1.lck".to_string()].into(),
+            ..Default::default()
+        };
         let doomed = plan(&e, Some(&snap(10)), &in_use, 1);
-        assert_eq!(doomed, [".tx-11_1", ".#machine.10_1def", ".current.55"]);
+        assert_eq!(doomed, [".tx-11_1", ".#machine.10_1def", ".current.55", ".#.#machine.10_1def.lck"]);
         let starting = InUse { job_starting: true, ..in_use };
-        assert_eq!(plan(&e, Some(&snap(10)), &starting, 1), [".tx-11_1", ".current.55"]);
+        assert_eq!(plan(&e, Some(&snap(10)), &starting, 1), [".tx-11_1", ".current.55", ".#.#machine.10_1def.lck"]);
     }
 }

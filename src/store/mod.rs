@@ -130,6 +130,8 @@ pub enum Entry {
     Pending(String),
     /// nspawn's ephemeral copy for a running (or crashed) job.
     Ephemeral(String),
+    /// A lock file nspawn keeps beside a tree it uses (`.#NAME.lck`); stale once nobody holds it.
+    NspawnLock(String),
     /// The `current` link, lock files.
     Bookkeeping(String),
     /// Anything else; never touched.
@@ -281,6 +283,8 @@ fn classify(name: &str, is_dir: bool) -> Entry {
         Entry::Pending(name.to_owned())
     } else if name.starts_with(EPHEMERAL_PREFIX) {
         Entry::Ephemeral(name.to_owned())
+    } else if name.starts_with(".#") && name.ends_with(".lck") && !is_dir {
+        Entry::NspawnLock(name.to_owned())
     } else if name == CURRENT || name == TRANSACTION_LOCK || name == PIN_LOCK || name.starts_with(".current.") {
         Entry::Bookkeeping(name.to_owned())
     } else {
@@ -290,6 +294,22 @@ fn classify(name: &str, is_dir: bool) -> Entry {
 
 fn read_dir(dir: &Path) -> Result<impl Iterator<Item = std::fs::DirEntry>> {
     Ok(std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.filter_map(|e| e.ok()))
+}
+
+/// nspawn's lock file for the tree at `path` (`.#NAME.lck` beside it).
+pub fn nspawn_lock_path(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    Some(path.with_file_name(format!(".#{name}.lck")))
+}
+
+/// Removes a file; one that is already gone is fine.
+pub fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::from(e).context(format!("removing {}", path.display())))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// fsyncs a directory, making renames and new entries in it durable.
@@ -308,6 +328,8 @@ mod tests {
         assert_eq!(classify("1700000000_12", false), Entry::Foreign("1700000000_12".into()));
         assert_eq!(classify(".tx-1_2", true), Entry::Pending(".tx-1_2".into()));
         assert_eq!(classify(".#machine.1_2abc", true), Entry::Ephemeral(".#machine.1_2abc".into()));
+        assert_eq!(classify(".#1_2.lck", false), Entry::NspawnLock(".#1_2.lck".into()));
+        assert_eq!(classify(".#.#machine.1_2abc.lck", false), Entry::NspawnLock(".#.#machine.1_2abc.lck".into()));
         assert_eq!(classify("current", false), Entry::Bookkeeping("current".into()));
         assert_eq!(classify(".current.77", false), Entry::Bookkeeping(".current.77".into()));
         assert_eq!(classify("etc", true), Entry::Foreign("etc".into()));
