@@ -180,7 +180,7 @@ pub struct ImageMaintain {
     /// a script to run inside the snapshot instead of the hooks
     #[argh(option)]
     pub script: Option<PathBuf>,
-    /// image name, then optionally `-- CMD ARGS...` to run instead of the hooks
+    /// image name, then optionally `-- CMD ARGS...` to run instead of the hooks (a bare `--`: no work)
     #[argh(positional, greedy)]
     pub args: Vec<String>,
 }

@@ -25,6 +25,8 @@ enum Work {
     Script(PathBuf),
     /// The image's hooks and playbook from the config dir (or the default upgrade).
     Configured,
+    /// Commit the snapshot unchanged.
+    Nothing,
 }
 
 pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
@@ -40,11 +42,14 @@ pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
         .ok_or_else(|| Error::new("give an image name, or --all"))?;
     let name = ImageName::parse(name)?;
     // argh keeps the `--` that separates the command from our options.
-    let command = command.strip_prefix(&["--".to_owned()]).unwrap_or(command);
+    let separated = command.first().is_some_and(|a| a == "--");
+    let command = if separated { &command[1..] } else { command };
     let work = match (command.is_empty(), args.script) {
         (false, Some(_)) => return Err(Error::new("give either --script or a command, not both")),
         (false, None) => Work::Command(command.to_vec()),
         (true, Some(script)) => Work::Script(script),
+        // `NAME --` with nothing after it: an unchanged snapshot, i.e. the bare cost of a transaction.
+        (true, None) if separated => Work::Nothing,
         (true, None) => Work::Configured,
     };
     maintain_one(settings, &name, &work)
@@ -105,6 +110,7 @@ fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()
             Work::Command(command) => run_in_tree_checked(&tree_command(tx.tree(), command, vec![]))?,
             Work::Script(script) => run_file(tx.tree(), script)?,
             Work::Configured => run_configured_steps(settings, &tx, !created)?,
+            Work::Nothing => {}
         }
         tx.commit()
     })();
