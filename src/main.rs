@@ -9,6 +9,7 @@ mod lock;
 mod machine;
 mod names;
 mod settings;
+mod signals;
 mod stages;
 mod store;
 

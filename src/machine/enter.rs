@@ -35,15 +35,6 @@ const NAMESPACES: [(&str, CloneFlags); 7] = [
     ("mnt", CloneFlags::CLONE_NEWNS),
 ];
 
-/// The signals that mean "stop the stage".
-fn stop_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(signal);
-    }
-    set
-}
-
 /// Opens the namespaces of `leader` that differ from ours.
 fn open_namespaces(leader: i32) -> Result<Vec<(File, CloneFlags)>> {
     let mut joined = Vec::new();
@@ -115,7 +106,7 @@ pub fn run_script_in_cgroup(running: &Running, script: &Path, grace: Duration, u
     let keep_caps = bounding_set(running.leader_pid)?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
-    let signals = stop_signals();
+    let signals = crate::signals::stop_set();
     let mut blocked = signals;
     blocked.add(Signal::SIGCHLD);
     blocked.thread_block().context("blocking signals")?;

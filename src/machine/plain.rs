@@ -35,7 +35,11 @@ impl Host for PlainHost {
         // SAFETY: setsid is async-signal-safe. A new session keeps the machine out of the
         // stage's process group, which gitlab-runner signals when the stage ends or times out.
         unsafe {
-            command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+            command.pre_exec(|| {
+                // The stage may have deferred its stop signals; nspawn must get them normally.
+                nix::sys::signal::SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
+                nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
+            });
         }
         let mut child = command.spawn().context("starting systemd-nspawn")?;
         let nspawn_pid = child.id() as i32;
@@ -44,6 +48,7 @@ impl Host for PlainHost {
                 "systemd-nspawn exited ({status}) before the machine was ready: {}",
                 log_tail(&spec.log)
             ))),
+            _ if crate::signals::stop_requested() => Some(Error::new("interrupted while the machine was booting")),
             _ => None,
         });
         let ready = match ready {

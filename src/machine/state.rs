@@ -118,12 +118,15 @@ impl StateDir {
         std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Removes the job's state, log and lock files.
+    /// Removes the job's state and log files.
     pub fn remove(&self, job: &JobId) -> Result<()> {
-        for path in [self.path(job), self.log_path(job), self.lock_path(job.as_str())] {
-            remove_if_present(&path)?;
-        }
-        Ok(())
+        remove_if_present(&self.path(job))?;
+        remove_if_present(&self.log_path(job))
+    }
+
+    /// Removes the job's lock file, once the job is over (its holder may still hold it).
+    pub fn remove_lock(&self, job: &JobId) -> Result<()> {
+        remove_if_present(&self.lock_path(job.as_str()))
     }
 
     /// Every job with a state file, with whether somebody holds its lock right now.

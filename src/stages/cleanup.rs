@@ -15,10 +15,11 @@ pub fn cleanup(ctx: &JobContext) -> Result<()> {
         return Ok(());
     }
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
-    match ctx.states.load(&ctx.job)? {
-        Some(state) => clean_job(ctx, machine::host(&ctx.settings).as_ref(), &state),
-        None => ctx.states.remove(&ctx.job),
+    if let Some(state) = ctx.states.load(&ctx.job)? {
+        clean_job(ctx, machine::host(&ctx.settings).as_ref(), &state)?;
     }
+    ctx.states.remove(&ctx.job)?;
+    ctx.states.remove_lock(&ctx.job)
 }
 
 /// Stops the machine of `state` and removes its copies, job directory and state files.

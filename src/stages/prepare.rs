@@ -16,6 +16,13 @@ const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
 pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
     let settings = &ctx.settings;
     let image_name = ctx.env.image(image_override, &settings.default_image)?;
+    // Everything that can be checked without writing is checked first: bad input changes nothing.
+    let store = Store::open(settings)?;
+    let image = store.image(&image_name);
+    image.current()?;
+
+    // A SIGTERM (prepare timeout, cancel) must not leave a machine booting with nobody to stop it.
+    let _deferred = crate::signals::Deferred::block();
     settings.ensure_state_dir()?;
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
     let host = machine::host(settings);
@@ -26,12 +33,9 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
         super::cleanup::clean_job(ctx, host.as_ref(), &previous)?;
     }
 
-    let store = Store::open(settings)?;
-    let image = store.image(&image_name);
     let machine_name = ctx.job.machine_name();
-    let mut state = {
+    let pinned = (|| {
         // Pinning: resolve `current` and record the lease before gc can look again.
-        image.must_exist()?;
         let _pins = image.lock_pins(Mode::Shared)?;
         let snapshot = image.current()?;
         let state = JobState {
@@ -45,7 +49,14 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
             running: None,
         };
         ctx.states.save(&state)?;
-        state
+        Ok(state)
+    })();
+    let mut state = match pinned {
+        Ok(state) => state,
+        Err(e) => {
+            let _ = ctx.states.remove(&ctx.job).and_then(|()| ctx.states.remove_lock(&ctx.job));
+            return Err(e);
+        }
     };
 
     let result = (|| {
@@ -79,7 +90,11 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
         let (running, unit) = host.start(&spec)?;
         state.running = Some(running);
         state.unit = unit;
-        ctx.states.save(&state)
+        ctx.states.save(&state)?;
+        if crate::signals::stop_requested() {
+            return Err(crate::error::Error::new("interrupted"));
+        }
+        Ok(())
     })();
 
     match result {
@@ -93,7 +108,9 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
         }
         Err(e) => {
             // Leave nothing behind; gitlab-runner calls cleanup too, which then finds nothing.
-            if let Err(cleanup_error) = super::cleanup::clean_job(ctx, host.as_ref(), &state) {
+            let cleaned = super::cleanup::clean_job(ctx, host.as_ref(), &state)
+                .and_then(|()| ctx.states.remove_lock(&ctx.job));
+            if let Err(cleanup_error) = cleaned {
                 log::warn!("cleaning up after the failed prepare: {cleanup_error}");
             }
             Err(e.context(format!("preparing job {}", ctx.job)))

@@ -155,6 +155,7 @@ pub fn reap_jobs(store: &Store, state_dir: &StateDir) -> Result<Vec<String>> {
             store.backend().delete(&path)?;
         }
         state_dir.remove(&job)?;
+        state_dir.remove_lock(&job)?;
         reaped.push(state.machine.clone());
     }
     for machine in store.job_dirs()? {

@@ -1,0 +1,65 @@
+//! The signals that ask a stage to stop (gitlab-runner's SIGTERM to the stage's process group,
+//! or a ^C by hand), blocked so that a stage can finish what it started before it exits.
+
+use nix::sys::signal::{SigSet, Signal};
+
+/// SIGTERM, SIGINT and SIGHUP.
+pub fn stop_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Blocks the stop signals in this (single-threaded) process until dropped; a stop request
+/// then stays pending, for `stop_requested` to see.
+pub struct Deferred {
+    set: SigSet,
+}
+
+impl Deferred {
+    pub fn block() -> Deferred {
+        let set = stop_set();
+        // Blocking a valid set on the calling thread cannot fail.
+        let _ = set.thread_block();
+        Deferred { set }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        let _ = self.set.thread_unblock();
+    }
+}
+
+/// True when a stop signal is pending (it was blocked when it came).
+pub fn stop_requested() -> bool {
+    // SAFETY: sigpending fills a sigset_t we own; sigismember only reads it.
+    unsafe {
+        let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        if libc::sigpending(pending.as_mut_ptr()) != 0 {
+            return false;
+        }
+        let pending = pending.assume_init();
+        [libc::SIGTERM, libc::SIGINT, libc::SIGHUP].iter().any(|&s| libc::sigismember(&pending, s) == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocked_stop_signal_is_seen_as_pending() {
+        let guard = Deferred::block();
+        assert!(!stop_requested());
+        nix::sys::signal::raise(Signal::SIGHUP).unwrap();
+        assert!(stop_requested());
+        // Consume it so unblocking does not kill the test process.
+        let mut hup = SigSet::empty();
+        hup.add(Signal::SIGHUP);
+        assert_eq!(hup.wait().unwrap(), Signal::SIGHUP);
+        drop(guard);
+    }
+}
