@@ -76,6 +76,11 @@ impl Host for PlainHost {
         if running.nspawn_alive() {
             // nspawn passes this on as its --kill-signal: an immediate poweroff of the machine.
             let _ = kill(Pid::from_raw(running.nspawn_pid), Signal::SIGTERM);
+        } else {
+            // nspawn died (killed, crashed): tell the orphaned init directly. SIGRTMIN+14 is
+            // systemd's immediate poweroff; nix's Signal has no real-time signals.
+            // SAFETY: kill(2) with plain integers; the pid was just checked to be the machine's init.
+            unsafe { libc::kill(running.leader_pid, libc::SIGRTMIN() + 14) };
         }
         if wait_until(timeout, || !alive()) {
             return Ok(());
