@@ -18,14 +18,7 @@ say() { printf '\n==> %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "run me as root" >&2; exit 1; }
 
 say "installing packages"
-packages=(systemd-container btrfs-progs mmdebstrap debootstrap ca-certificates util-linux tar)
-command -v cargo >/dev/null || packages+=(cargo)
-missing=()
-for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
+"$here/contrib/install-deps.sh"
 
 say "building nspawn-runner"
 cargo build --release --manifest-path "$here/Cargo.toml"
