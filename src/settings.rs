@@ -57,6 +57,9 @@ pub struct Settings {
     pub tasks_max: Option<String>,
     #[serde(default)]
     pub gitlab_runner: Option<PathBuf>,
+    /// Images whose maintenance rebuilds them from scratch instead of changing a copy.
+    #[serde(default)]
+    pub recreate: Option<String>,
 }
 
 fn default_root() -> PathBuf {
@@ -147,6 +150,12 @@ impl Settings {
         split_list(self.include.as_deref().unwrap_or(""))
     }
 
+    /// True when maintenance of `image` rebuilds it from scratch (NSPAWN_RUNNER_RECREATE lists
+    /// it, or says `all`).
+    pub fn recreates(&self, image: &str) -> bool {
+        split_list(self.recreate.as_deref().unwrap_or("")).iter().any(|n| n == image || n == "all")
+    }
+
     /// systemd unit properties for each job machine (systemd-host path).
     pub fn unit_properties(&self) -> Vec<String> {
         [("MemoryMax", &self.memory_max), ("CPUWeight", &self.cpu_weight), ("TasksMax", &self.tasks_max)]
@@ -228,6 +237,10 @@ mod tests {
         assert_eq!(s.mirror, None);
         assert_eq!(s.unit_properties(), ["MemoryMax=2G", "TasksMax=512"]);
         assert_eq!(s.extra_packages(), ["make", "gcc", "build-essential"]);
+        assert!(!s.recreates("bookworm"));
+        let s = settings(&[("NSPAWN_RUNNER_RECREATE", "trixie,sid")]).unwrap();
+        assert!(s.recreates("sid") && !s.recreates("bookworm"));
+        assert!(settings(&[("NSPAWN_RUNNER_RECREATE", "all")]).unwrap().recreates("bookworm"));
     }
 
     #[test]

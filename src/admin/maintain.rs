@@ -102,14 +102,22 @@ fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()
             // An image that has hooks or a playbook but no tree yet is made first.
             new_image_dir(&image)?;
         }
-        let tx = Transaction::begin(&image, if created { Base::Empty } else { Base::Current })?;
-        if created {
-            bootstrap(tx.tree(), &settings.suite, settings.mirror.as_deref(), &settings.extra_packages())?;
+        // A rebuild keeps the image's Debian release; a new image gets the configured suite.
+        let rebuild_suite = match work {
+            Work::Configured if !created && settings.recreates(name.as_str()) => {
+                Some(debian_codename(&image.snapshot_path(&image.current()?)).unwrap_or_else(|| settings.suite.clone()))
+            }
+            _ if created => Some(settings.suite.clone()),
+            _ => None,
+        };
+        let tx = Transaction::begin(&image, if rebuild_suite.is_some() { Base::Empty } else { Base::Current })?;
+        if let Some(suite) = &rebuild_suite {
+            bootstrap(tx.tree(), suite, settings.mirror.as_deref(), &settings.extra_packages())?;
         }
         match work {
             Work::Command(command) => run_in_tree_checked(&tree_command(tx.tree(), command, vec![]))?,
             Work::Script(script) => run_file(tx.tree(), script)?,
-            Work::Configured => run_configured_steps(settings, &tx, !created)?,
+            Work::Configured => run_configured_steps(settings, &tx, rebuild_suite.is_none())?,
             Work::Nothing => {}
         }
         tx.commit()
@@ -126,6 +134,21 @@ fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()
             Err(e.context(format!("maintaining image {name} (current is unchanged)")))
         }
     }
+}
+
+/// VERSION_CODENAME of the Debian tree at `tree`, read from its own files (never the host's:
+/// an absolute /etc/os-release symlink is not followed).
+fn debian_codename(tree: &Path) -> Option<String> {
+    let etc = tree.join("etc/os-release");
+    let candidates = [tree.join("usr/lib/os-release"), etc.clone()];
+    let text = candidates
+        .iter()
+        .filter(|p| *p != &etc || std::fs::symlink_metadata(p).map(|m| m.is_file()).unwrap_or(false))
+        .find_map(|p| std::fs::read_to_string(p).ok())?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 fn tree_command<'a>(tree: &'a Path, command: &'a [String], binds_ro: Vec<(PathBuf, String)>) -> TreeCommand<'a> {
@@ -225,6 +248,18 @@ pub fn chroot_exe(args: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rebuilds_keep_the_release_of_the_tree() {
+        let tree = std::env::temp_dir().join(format!("nspawn-runner-codename-{}", std::process::id()));
+        std::fs::create_dir_all(tree.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        assert_eq!(debian_codename(&tree), None);
+        std::fs::write(tree.join("usr/lib/os-release"), "NAME=\"Debian\"\nVERSION_CODENAME=bookworm\n").unwrap();
+        std::os::unix::fs::symlink("../usr/lib/os-release", tree.join("etc/os-release")).unwrap();
+        assert_eq!(debian_codename(&tree).as_deref(), Some("bookworm"));
+        std::fs::remove_dir_all(&tree).unwrap();
+    }
 
     #[test]
     fn hooks_and_playbooks_name_configured_images() {
