@@ -827,7 +827,8 @@ impl<'a> Job<'a> {
     pub fn stage_cmd(&self, stage: &str, configured: bool) -> Command {
         let mut c = self.env.base_cmd(&self.env.links.join(stage));
         let (bd, pd) = if configured {
-            (self.builds_dir.lock().unwrap().clone(), self.project_dir())
+            let bd = self.builds_dir.lock().unwrap().clone();
+            (bd, self.project_dir())
         } else {
             (String::new(), String::new())
         };
