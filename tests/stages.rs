@@ -311,7 +311,7 @@ fn prepare_retry_after_failed_prepare(kind: StoreKind) {
     let second = Job::new(&env, &id).with_image(IMAGE);
     second.config().assert_ok();
     second.prepare().assert_ok();
-    let out = second.run("build_script", &second.user_body(&["echo retried-ok"]));
+    let out = second.run("build_script", &second.get_sources_body("echo retried-ok"));
     out.assert_ok();
     assert!(out.stdout.contains("retried-ok"), "{}", out.describe());
     second.cleanup().assert_ok();
