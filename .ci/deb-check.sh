@@ -80,24 +80,70 @@ umount_under() {
         done
     done
 }
-kill_in_root() {
-    # Kill processes whose root directory is inside the test chroot (a job
-    # machine left behind by a failed check).
-    local top="$1" p r
-    [ -d "$top" ] || return 0
-    for p in /proc/[0-9]*; do
-        r="$(readlink "$p/root" 2>/dev/null || true)"
-        case "$r" in
-            "$top"|"$top"/*) kill -9 "${p#/proc/}" 2>/dev/null || true ;;
-        esac
+HOLDER=""
+UNSHARE_PID=""
+ns_procs() {
+    # PIDs in the mount namespace of the test system ($HOLDER's) and all their
+    # descendants (job machines live in child namespaces of nspawn), except
+    # the holder itself.
+    [ -n "$HOLDER" ] || return 0
+    local ns p
+    ns="$(readlink "/proc/$HOLDER/ns/mnt" 2>/dev/null)" || return 0
+    python3 - "$ns" "$HOLDER" "${UNSHARE_PID:-0}" <<'PY'
+import os, sys
+ns, holder, unshare = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+parent, members = {}, set()
+for d in os.listdir("/proc"):
+    if not d.isdigit():
+        continue
+    pid = int(d)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parent[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
+        if os.readlink(f"/proc/{pid}/ns/mnt") == ns:
+            members.add(pid)
+    except OSError:
+        pass
+found, changed = set(members), True
+while changed:
+    changed = False
+    for pid, ppid in parent.items():
+        if ppid in found and pid not in found:
+            found.add(pid); changed = True
+found.discard(holder)
+found.discard(unshare)
+for pid in sorted(found):
+    try:
+        comm = open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        continue
+    print(pid, comm)
+PY
+}
+stop_testroot() {
+    # End every process of the test system, then the holder: its private
+    # mount namespace, with every mount made inside it, goes away with it.
+    [ -n "$HOLDER" ] || return 0
+    local pids
+    for _ in 1 2 3; do
+        pids="$(ns_procs | awk '{print $1}')"
+        [ -n "$pids" ] || break
+        # shellcheck disable=SC2086
+        kill -9 $pids 2>/dev/null || true
+        sleep 1
     done
+    kill -9 "$HOLDER" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        [ -n "$UNSHARE_PID" ] && [ -d "/proc/$UNSHARE_PID" ] || break
+        sleep 0.1
+    done
+    HOLDER=""
+    UNSHARE_PID=""
 }
 cleanup() {
     local rc=$?
-    if [ -d "$ROOTFS" ]; then
-        kill_in_root "$ROOTFS"
-        umount_under "$ROOTFS"
-    fi
+    stop_testroot
+    [ -d "$ROOTFS" ] && umount_under "$ROOTFS"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -197,22 +243,44 @@ if want lintian; then
 fi
 
 # --- 3. install into a clean trixie system and drive one job ------------------
-chroot_mounts() {
-    # The test root must be a mount point of its own: systemd-nspawn makes "/"
-    # a slave mount (MS_REC|MS_SLAVE), which fails with EINVAL on a plain
-    # directory inside a chroot.
-    mount --bind "$ROOTFS" "$ROOTFS"
-    mount --make-private "$ROOTFS"
-    mkdir -p "$ROOTFS/proc" "$ROOTFS/sys" "$ROOTFS/dev" "$ROOTFS/run"
-    mount -t proc proc "$ROOTFS/proc"
-    mount --rbind /sys "$ROOTFS/sys"
-    mount --make-rslave "$ROOTFS/sys"
-    mount --rbind /dev "$ROOTFS/dev"
-    mount --make-rslave "$ROOTFS/dev"
-    mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$ROOTFS/run"
+start_testroot() {
+    # The test system gets a private mount namespace of its own, kept alive by
+    # a "holder" process, with the test root pivot_root'ed to be its "/" (as on
+    # a real host; a plain chroot would make systemd-nspawn stack the machine's
+    # root on a directory that is not the namespace's root, and setns() into
+    # the machine would then land in the host's root). /proc, /sys, /dev, a
+    # fresh /run and the image cache (read-only) are mounted in it. Nothing of
+    # it is visible on the host, and all of it vanishes with the namespace.
+    rm -f -- "$ROOTFS/tmp/.deb-check-holder"
+    unshare --mount --propagation private --fork -- /bin/bash -euc '
+        R="$1"
+        mount --bind "$R" "$R"
+        mount -t proc proc "$R/proc"
+        mount --rbind /sys "$R/sys"
+        mount --rbind /dev "$R/dev"
+        mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
+        mkdir -p "$R/mnt/deb-check" "$R/.deb-check-oldroot"
+        mount --bind "$2" "$R/mnt/deb-check"
+        mount -o remount,bind,ro "$R/mnt/deb-check"
+        cd "$R"
+        pivot_root . .deb-check-oldroot
+        umount -l /.deb-check-oldroot
+        rmdir /.deb-check-oldroot
+        echo "$$" > /tmp/.deb-check-holder
+        exec sleep infinity
+    ' holder "$ROOTFS" "$WORK/cache" < /dev/null > "$WORK/holder.log" 2>&1 &
+    UNSHARE_PID=$!
+    disown "$UNSHARE_PID"
+    local i
+    for i in $(seq 1 100); do
+        [ -s "$ROOTFS/tmp/.deb-check-holder" ] && break
+        sleep 0.1
+    done
+    HOLDER="$(cat "$ROOTFS/tmp/.deb-check-holder" 2>/dev/null || true)"
+    [ -n "$HOLDER" ] || { cat "$WORK/holder.log" >&2; die "could not set up the test system's mount namespace"; }
 }
 
-in_root() { chroot "$ROOTFS" "$@"; }
+in_root() { nsenter --target "$HOLDER" --mount --root --wd=/ -- "$@"; }
 
 file_list() {
     # Every path of the test system except the package manager's own books and
@@ -282,7 +350,7 @@ stage() {
     local name="$1"; shift
     local tag="${STAGE_TAG:-$name}"
     set +e
-    env -i "${stage_env[@]}" chroot "$ROOTFS" env -C "$JOB_TMP" "/usr/lib/nspawn-runner/$name" "$@" \
+    env -i "${stage_env[@]}" nsenter --target "$HOLDER" --mount --root --wd=/ -- env -C "$JOB_TMP" "/usr/lib/nspawn-runner/$name" "$@" \
         < /dev/null > "$WORK/job/$tag.out" 2> "$WORK/job/$tag.err"
     local rc=$?
     set -e
@@ -296,7 +364,8 @@ run_stage() {
     n=$(( ${RUN_N:-0} + 1 )); RUN_N=$n
     local dir="$ROOTFS$JOB_TMP/script$n"
     mkdir -p "$dir"
-    write_script "$dir/script" "$body"
+    write_script "$dir/script" "test -e /etc/deb-check-image || { echo 'deb-check: not inside the job machine, refusing to run' >&2; exit 3; }
+$body"
     STAGE_TAG="run-$n-$st" stage run "$JOB_TMP/script$n/script" "$st" || rc=$?
     if [ "$rc" = "$want_rc" ]; then
         pass "run $st exited $rc as expected"
@@ -307,16 +376,21 @@ run_stage() {
 
 if want job || want purge; then
     [ -n "$DEB" ] && [ -f "$DEB" ] || die "no .deb in $OUT (run the build step first)"
+    stop_testroot
     umount_under "$ROOTFS"
     rm -rf --one-file-system -- "$ROOTFS"
     mkdir -p "$WORK/cache" "$WORK/job"
     rm -f -- "$WORK/job"/*
 
     # The bookworm job image: minbase + systemd + dbus, cached as a tarball.
-    IMG_TAR="$WORK/cache/bookworm-minbase-systemd.tar"
+    IMG_TAR="$WORK/cache/bookworm-minbase-systemd-v2.tar"
     if [ ! -s "$IMG_TAR" ]; then
         log "making the bookworm job image tarball (mmdebstrap minbase + systemd,dbus)"
-        mmdebstrap --variant=minbase --include=systemd,dbus bookworm "$IMG_TAR.tmp" "$MIRROR" \
+        # /etc/deb-check-image marks the tree: job scripts refuse to run
+        # anywhere else (so a broken "run" cannot write to the host).
+        mmdebstrap --variant=minbase --include=systemd,dbus \
+            --customize-hook='echo deb-check > "$1/etc/deb-check-image"' \
+            bookworm "$IMG_TAR.tmp" "$MIRROR" \
             > "$WORK/mmdebstrap-image.log" 2>&1 || { tail -20 "$WORK/mmdebstrap-image.log" >&2; die "image mmdebstrap failed"; }
         mv -- "$IMG_TAR.tmp" "$IMG_TAR"
     fi
@@ -325,10 +399,7 @@ if want job || want purge; then
     mmdebstrap --variant=minbase --include=systemd-container,btrfs-progs \
         trixie "$ROOTFS" "$MIRROR" > "$WORK/mmdebstrap-testroot.log" 2>&1 \
         || { tail -20 "$WORK/mmdebstrap-testroot.log" >&2; die "test system mmdebstrap failed"; }
-    chroot_mounts
-    mkdir -p "$ROOTFS/mnt/deb-check"
-    mount --bind "$WORK/cache" "$ROOTFS/mnt/deb-check"
-    mount -o remount,bind,ro "$ROOTFS/mnt/deb-check"
+    start_testroot
     cp -- "$DEB" "$ROOTFS/tmp/"
     DEB_IN="/tmp/$(basename "$DEB")"
 
@@ -425,7 +496,9 @@ test ! -e "/tmp/custom-executor1234567/response.json"
 test "${TMPDIR:-unset}" != "/tmp/custom-executor1234567"
 echo "built by job $CI_JOB_ID" > "$CI_PROJECT_DIR/artifact.txt"
 echo marker > /etc/deb-check-marker
-systemctl is-system-running --wait || true
+echo "pid1=$(cat /proc/1/comm)"
+echo "root=$(stat -L -c %d:%i /) pid1root=$(stat -L -c %d:%i /proc/1/root)"
+echo "system=$(timeout 60 systemctl is-system-running --wait 2>&1 || true)"
 echo "deb-check build ok"' 0
         run_stage after_script 'cd "/builds/group/project"
 echo "Running after script..."
@@ -433,6 +506,15 @@ grep -q "built by job 4242" artifact.txt' 0
         run_stage step_fail 'cd "/builds/group/project"
 echo "this step fails with 3"
 false || exit 3' 1
+        if grep -qx 'pid1=systemd' "$WORK"/job/run-*-build_script.out; then
+            pass "the job runs in a booted machine (PID 1 is systemd)"
+        else
+            fail "PID 1 in the job's machine is not systemd"
+        fi
+        # Informational: whether systemctl in a job sees the machine's systemd
+        # (jobs that start services need that).
+        printf 'INFO: systemctl is-system-running in the job: %s\n' \
+            "$(sed -n 's/^system=//p' "$WORK"/job/run-*-build_script.out | tr '\n' ' ')"
         if grep -q 'deb-check build ok' "$WORK"/job/run-*-build_script.out; then
             pass "build_script output streamed to stdout"
         else
@@ -449,17 +531,14 @@ false || exit 3' 1
     # Nothing of the job must survive.
     snap="$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/$cur"
     [ ! -e "$snap/etc/deb-check-marker" ] && pass "image unchanged by the job" || fail "the job wrote into the image"
-    if findmnt -rn -o TARGET | grep -q "^$ROOTFS/var/lib/nspawn-runner"; then
-        fail "mounts left in the store: $(findmnt -rn -o TARGET | grep "^$ROOTFS/var/lib/nspawn-runner" | tr '\n' ' ')"
+    store_mounts="$(in_root cat /proc/self/mountinfo | awk '$5 ~ "^/var/lib/nspawn-runner" {print $5}' | tr '\n' ' ')"
+    if [ -n "$store_mounts" ]; then
+        fail "mounts left in the store: $store_mounts"
     else
         pass "no mounts left in the store"
     fi
-    left=""
-    for p in /proc/[0-9]*; do
-        r="$(readlink "$p/root" 2>/dev/null || true)"
-        case "$r" in "$ROOTFS"/*) left="$left ${p#/proc/}:$(cat "$p/comm" 2>/dev/null)" ;; esac
-    done
-    [ -z "$left" ] && pass "no machine process left" || fail "processes left inside the store:$left"
+    left="$(ns_procs | tr '\n' ' ')"
+    [ -z "$left" ] && pass "no machine process left" || fail "processes left in the test system: $left"
     if [ -n "$(ls -A "$ROOTFS/run/nspawn-runner" 2>/dev/null)" ]; then
         fail "state left in /run/nspawn-runner: $(ls -A "$ROOTFS/run/nspawn-runner" | tr '\n' ' ')"
     else
@@ -480,7 +559,6 @@ fi
 
 # --- 4. purge -------------------------------------------------------------------
 if want purge; then
-    kill_in_root "$ROOTFS/var/lib/nspawn-runner"
     log "apt-get purge nspawn-runner"
     in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q nspawn-runner' > "$WORK/apt-purge.log" 2>&1 \
         && pass "apt-get purge nspawn-runner" || { tail -20 "$WORK/apt-purge.log" >&2; fail "apt-get purge failed"; }
@@ -496,6 +574,7 @@ if want purge; then
     [ ! -e "$ROOTFS/run/nspawn-runner" ] && pass "/run/nspawn-runner removed" || fail "/run/nspawn-runner left"
 fi
 
+stop_testroot
 umount_under "$ROOTFS"
 log "done in $(( $(date +%s) - T0 ))s"
 if [ "$FAILED" = 0 ]; then
