@@ -9,7 +9,7 @@
 # BINARY defaults to $NSPAWN_RUNNER_BIN or ./nspawn-runner (next to this script).
 # Knobs: SUITE_PATHS="systemd plain" (which host paths to run the job scenarios on),
 #        SUITE_MAINT=1 (transactional maintenance + gc checks), SUITE_CRASH=1 (machine
-#        killed under a job), SUITE_VERBOSE=1.
+#        killed under a job), SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1.
 # Prints PASS:/FAIL: lines and "N passed, N failed"; exit status 0 only if all passed.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -73,6 +73,14 @@ mkdir -p "$WORK/etc" "$WORK/cache"
 admin() { env -i PATH="$PATH" HOME=/root "${SETTINGS[@]}" "$@" "$BIN" "${ADMIN_ARGS[@]}"; }
 nr() { ADMIN_ARGS=("$@"); admin; }
 
+# a VM that ran the suite before: start from an empty store
+if [ -e "$STORE" ]; then
+    btrfs subvolume list -o /var/lib/nspawn-runner 2>/dev/null | awk '{print $NF}' | grep '^store/' \
+        | sort -r | while read -r sv; do btrfs -q subvolume delete "/var/lib/nspawn-runner/$sv"; done
+    btrfs subvolume list /var/lib/nspawn-runner 2>/dev/null | awk '{print $NF}' | grep '^store/' \
+        | sort -r | while read -r sv; do btrfs -q subvolume delete "/var/lib/nspawn-runner/$sv"; done
+    rm -rf "$STORE"
+fi
 mkdir -p "$STORE"
 t=$(ts)
 nr image import "$IMG" "$BASE_IMAGE" >"$WORK/import.out" 2>&1; rc=$?
@@ -187,6 +195,8 @@ job_scenario() {  # job_scenario MODE(systemd|plain)
         check "$P a systemd-nspawn process runs for $machine" procs_with "[s]ystemd-nspawn.*--machine=$machine"
     fi
 
+    nr status >"$JOBTMP/status.out" 2>&1
+    check "$P nspawn-runner status lists $machine" grep -q "$machine" "$JOBTMP/status.out"
     run_body prepare_script 'echo "Running on $(hostname)..."'
     check "$P run prepare_script exits 0 and runs in the machine (hostname $(tr -d '\n' < "$OUT"))" \
         sh -c "[ $RC = 0 ] && grep -qx 'Running on $machine...' '$OUT'"
@@ -319,6 +329,43 @@ crash_scenario() {  # crash_scenario MODE(systemd|plain)
     find "$STORE/$IMG" -maxdepth 1 -name '.#*' | sed 's/^/    left| /'
 }
 
+# ---- cancel during prepare: SIGTERM to prepare's process group while the machine boots ----------
+prepare_cancel_scenario() {  # prepare_cancel_scenario MODE(systemd|plain)
+    local mode="$1" id="vm-pcancel-$1-$RANDOM" t rc
+    local machine="run-$id" unit="nspawn-runner-run-$id.service"
+    JOB_MODE=$([ "$mode" = systemd ] && echo yes || echo no)
+    section "SIGTERM during prepare on the $mode path (job $id)"
+    job_env "$id"
+    local P="[$mode prepare-cancel]"
+    OUT="$JOBTMP/prepare.out"; ERR="$JOBTMP/prepare.err"
+    (cd "$JOBTMP" && exec env -i "${ENVV[@]}" setsid "$WORK/links/prepare" </dev/null >"$OUT" 2>"$ERR") &
+    local bg=$!
+    # wait until nspawn runs (the machine is booting), then cancel
+    wait_for 60 procs_with "[s]ystemd-nspawn.*--machine=$machine"
+    sleep 1
+    t=$(ts); kill -TERM -- "-$bg" 2>/dev/null
+    local waited=0
+    while kill -0 "$bg" 2>/dev/null && [ $waited -lt 900 ]; do sleep 0.1; waited=$((waited+1)); done
+    if kill -0 "$bg" 2>/dev/null; then
+        fail "$P prepare exits after SIGTERM (still running after 90 s)"; kill -KILL -- "-$bg" 2>/dev/null
+    else
+        pass "$P prepare exits after SIGTERM ($(dt "$t") s)"
+    fi
+    wait "$bg"; rc=$?
+    check "$P cancelled prepare exits non-zero (got $rc)" [ $rc != 0 ]
+    show "$ERR" "prepare err"
+    t=$(ts); stage cleanup
+    check "$P cleanup exits 0 ($(dt "$t") s)" [ $RC = 0 ]
+    sleep 1
+    check "$P nothing left: machine, unit, nspawn, ephemeral copy, state file" sh -c "
+        ! machinectl list --no-legend | grep -q '^$machine ' &&
+        ! systemctl show '$unit' -p LoadState --value | grep -qx loaded &&
+        ! pgrep -f '[s]ystemd-nspawn.*--machine=$machine' >/dev/null &&
+        [ -z \"\$(find '$STORE/$IMG' -maxdepth 1 -name '.#machine.*')\" ] &&
+        [ ! -e '$STATE_DIR/$id.json' ]"
+    machinectl list --no-legend | sed 's/^/    machines| /'
+}
+
 # ---- prepare failures -----------------------------------------------------------------------
 failure_scenarios() {
     section "system failures"
@@ -397,6 +444,7 @@ maint_scenario() {
 
 for p in $SUITE_PATHS; do job_scenario "$p"; done
 [ "${SUITE_CRASH:-1}" = 1 ] && for p in $SUITE_PATHS; do crash_scenario "$p"; done
+[ "${SUITE_PCANCEL:-1}" = 1 ] && for p in $SUITE_PATHS; do prepare_cancel_scenario "$p"; done
 failure_scenarios
 [ "$SUITE_MAINT" = 1 ] && maint_scenario
 
@@ -405,6 +453,8 @@ left="$(machinectl list --no-legend 2>/dev/null | grep '^run-')"
 check "no job machines left anywhere${left:+ ($left)}" [ -z "$left" ]
 left="$(systemctl list-units --all --no-legend --plain 'nspawn-runner-*' 2>/dev/null)"
 check "no nspawn-runner units left${left:+ ($left)}" [ -z "$left" ]
+left="$(find "$STORE" -mindepth 2 -maxdepth 2 -name '.#*machine.*' 2>/dev/null | tr '\n' ' ')"
+check "no ephemeral copies or their .lck files left in the store${left:+ ($left)}" [ -z "$left" ]
 left="$(ls "$STATE_DIR" 2>/dev/null | grep '\.json$')"
 check "no state files left${left:+ ($left)}" [ -z "$left" ]
 
