@@ -422,7 +422,7 @@ if want job || want purge; then
     done
     perm="$(stat -c '%a %U:%G' "$ROOTFS/var/lib/nspawn-runner" 2>/dev/null || echo missing)"
     [ "$perm" = "700 root:root" ] && pass "/var/lib/nspawn-runner is 0700 root:root" || fail "/var/lib/nspawn-runner is '$perm', expected '700 root:root'"
-    perm="$(stat -c '%a %U:%G' "$ROOTFS/run/nspawn-runner" 2>/dev/null || echo missing)"
+    perm="$(in_root stat -c "%a %U:%G" /run/nspawn-runner 2>/dev/null || echo missing)"
     [ "$perm" = "700 root:root" ] && pass "/run/nspawn-runner created by tmpfiles.d, 0700 root:root" || fail "/run/nspawn-runner is '$perm', expected '700 root:root'"
     for f in usr/lib/systemd/system/nspawn-runner-maintenance.service usr/lib/systemd/system/nspawn-runner-maintenance.timer \
              usr/lib/tmpfiles.d/nspawn-runner.conf usr/share/man/man1/nspawn-runner.1.gz \
@@ -539,8 +539,8 @@ false || exit 3' 1
     fi
     left="$(ns_procs | tr '\n' ' ')"
     [ -z "$left" ] && pass "no machine process left" || fail "processes left in the test system: $left"
-    if [ -n "$(ls -A "$ROOTFS/run/nspawn-runner" 2>/dev/null)" ]; then
-        fail "state left in /run/nspawn-runner: $(ls -A "$ROOTFS/run/nspawn-runner" | tr '\n' ' ')"
+    if [ -n "$(in_root ls -A /run/nspawn-runner 2>/dev/null)" ]; then
+        fail "state left in /run/nspawn-runner: $(in_root ls -A /run/nspawn-runner | tr '\n' ' ')"
     else
         pass "no job state left in /run/nspawn-runner"
     fi
@@ -571,7 +571,7 @@ if want purge; then
         sed 's/^/  /' "$WORK/files.diff"
         fail "files left or lost by install+purge (see above)"
     fi
-    [ ! -e "$ROOTFS/run/nspawn-runner" ] && pass "/run/nspawn-runner removed" || fail "/run/nspawn-runner left"
+    ! in_root test -e /run/nspawn-runner && pass "/run/nspawn-runner removed" || fail "/run/nspawn-runner left"
 fi
 
 stop_testroot
