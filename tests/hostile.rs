@@ -22,12 +22,14 @@ both_stores! {
 
 /// Everything a bad call could touch: the test's store dir and its state dir / work dir (minus the job
 /// temp dirs, where the test itself writes scripts).
-/// Benign store entries a refused call may still create: the image's lock file and an empty ROOT/.jobs.
+/// Benign store entries a refused call may still create: the image's lock files and an empty ROOT/.jobs.
 fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut work = tree(&env.work);
     work.retain(|k, _| !(k == "tmp" || k.starts_with("tmp/")));
     let mut store = tree(&env.store_dir);
-    store.retain(|k, v| !(k == &format!("s/root/{IMAGE}/.lock") || (k == "s/root/.jobs" && v == "dir")));
+    store.retain(|k, v| {
+        !((k.starts_with(&format!("s/root/{IMAGE}/.")) && k.ends_with(".lock")) || (k == "s/root/.jobs" && v == "dir"))
+    });
     (store, work)
 }
 
