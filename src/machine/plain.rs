@@ -2,13 +2,14 @@
 
 use super::notify::NotifySocket;
 use super::state::{JobState, Running};
-use super::{describe_running, enter, first_child, nspawn_args, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
+use super::{describe_running, enter, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
 use crate::error::{Context, Error, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use crate::store::backend::JobRoot;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub struct PlainHost;
@@ -54,8 +55,7 @@ impl Host for PlainHost {
         let ready = match ready {
             Ok(ready) => ready,
             Err(e) => {
-                kill_machine(nspawn_pid, first_child(nspawn_pid));
-                let _ = child.wait();
+                abort_boot(&mut child, spec);
                 return Err(e.context(format!("starting machine {}", spec.machine)));
             }
         };
@@ -97,6 +97,36 @@ impl Host for PlainHost {
 
     fn run_script(&self, _state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
         enter::run_script(running, script, grace)
+    }
+}
+
+/// Ends a machine that is still booting without leaving its ephemeral copy behind: its init
+/// is SIGKILLed (ending the machine), so that nspawn itself sees it exit and removes the copy.
+/// A SIGTERM would not do: an init that has not installed its handlers yet ignores it.
+fn abort_boot(child: &mut Child, spec: &MachineSpec) {
+    let nspawn_pid = child.id() as i32;
+    let leader = first_child(nspawn_pid);
+    let copy = match (spec.root, leader) {
+        (JobRoot::EphemeralSnapshot, Some(leader)) => find_ephemeral_copy(leader, &spec.tree).ok().flatten(),
+        _ => None,
+    };
+    match leader {
+        Some(leader) => drop(kill(Pid::from_raw(leader), Signal::SIGKILL)),
+        None => drop(kill(Pid::from_raw(nspawn_pid), Signal::SIGTERM)),
+    }
+    let exited = wait_until(KILL_WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        kill_machine(nspawn_pid, first_child(nspawn_pid));
+        let _ = child.wait();
+    }
+    if let Some(copy) = copy.filter(|c| c.exists()) {
+        let removed = crate::store::backend::detect(&spec.tree).and_then(|backend| backend.delete(&copy));
+        if let Err(e) = removed {
+            log::warn!("cannot remove {} (gc will): {e}", copy.display());
+        }
+        if let Some(lock) = crate::store::nspawn_lock_path(&copy) {
+            let _ = crate::store::remove_if_present(&lock);
+        }
     }
 }
 
