@@ -4,6 +4,7 @@
 use super::state::{JobState, Running};
 use super::{describe_running, enter, first_child, nspawn_args, unit_name, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
 use crate::error::{Context, Error, Result};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -17,6 +18,10 @@ fn systemctl_like(program: &str, args: &[String]) -> Result<String> {
         .env_clear()
         .env("PATH", SAFE_PATH)
         .stdin(Stdio::null())
+        // Out of the stage's process group: a SIGTERM from gitlab-runner must not kill
+        // systemd-run halfway through a boot (stopping a booting machine leaks its copy);
+        // prepare finishes the start and then stops the machine cleanly.
+        .process_group(0)
         .output()
         .with_context(|| format!("running {program}"))?;
     if !output.status.success() {
