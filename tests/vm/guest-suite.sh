@@ -9,7 +9,7 @@
 # BINARY defaults to $NSPAWN_RUNNER_BIN or ./nspawn-runner (next to this script).
 # Knobs: SUITE_PATHS="systemd plain" (which host paths to run the job scenarios on),
 #        SUITE_MAINT=1 (transactional maintenance + gc checks), SUITE_CRASH=1 (machine
-#        killed under a job), SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1.
+#        killed under a job), SUITE_JOB=1 (the full jobs), SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1.
 # Prints PASS:/FAIL: lines and "N passed, N failed"; exit status 0 only if all passed.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -224,8 +224,11 @@ echo build-done'
     run_body build_script 'echo before; false; echo not-reached'
     check "$P a failing command -> exit 1 (BUILD_FAILURE_EXIT_CODE) (got $RC)" [ $RC = 1 ]
     check "$P  ... and the script stopped at the failure" sh -c "grep -qx before '$OUT' && ! grep -q not-reached '$OUT'"
+    rm -f "$JOBTMP/build_exit_code"
     run_body build_script 'exit 42'
     check "$P exit 42 in the script -> exit 1 (got $RC)" [ $RC = 1 ]
+    check "$P  ... and BUILD_EXIT_CODE_FILE says 42 ($(cat "$JOBTMP/build_exit_code" 2>/dev/null))" \
+        sh -c "[ \"\$(head -n1 '$JOBTMP/build_exit_code' 2>/dev/null)\" = 42 ]"
 
     if [ "$mode" = systemd ]; then
         # TasksMax=200 must bind the job script: 250 more processes cannot all start
@@ -286,7 +289,7 @@ echo build-done'
 
 # ---- the machine dies under the job (nspawn SIGKILLed: it cannot remove its ephemeral copy) ----
 crash_scenario() {  # crash_scenario MODE(systemd|plain)
-    local mode="$1" id="vm-crash-$1-$RANDOM" t
+    local mode="$1" id="vm-crash-$1-$RANDOM" t rc
     local machine="run-$id" unit="nspawn-runner-run-$id.service"
     JOB_MODE=$([ "$mode" = systemd ] && echo yes || echo no)
     section "machine killed under a job on the $mode path (job $id)"
@@ -296,12 +299,23 @@ crash_scenario() {  # crash_scenario MODE(systemd|plain)
     check "$P prepare exits 0 ($(dt "$t") s)" [ $RC = 0 ]
     [ $RC = 0 ] || show "$ERR" "prepare err"
     local leader; leader="$(jq -r '.running.leader_pid // empty' "$STATE_DIR/$id.json" 2>/dev/null)"
+    # the machine is killed while a stage runs
+    run_body_bg build_script 'echo started; sleep 1003'
+    wait_for 60 procs_with 'sleep 1003'
     if [ "$mode" = systemd ]; then
         systemctl kill -s KILL "$unit"
     else
         pkill -KILL -f "[s]ystemd-nspawn.*--machine=$machine"
+        # the orphaned init must die too for "the machine died during the stage"
+        [ -n "$leader" ] && kill -KILL "$leader" 2>/dev/null
     fi
     wait_for 20 sh -c "! pgrep -f '[s]ystemd-nspawn.*--machine=$machine' >/dev/null"
+    local waited=0
+    while kill -0 "$BG" 2>/dev/null && [ $waited -lt 300 ]; do sleep 0.1; waited=$((waited+1)); done
+    kill -KILL -- "-$BG" 2>/dev/null; wait "$BG"; rc=$?
+    check "$P the stage running when the machine died -> system failure 2 (got $rc)" [ $rc = 2 ]
+    show "$ERR" "bg err"
+    pkill -f 'sleep 1003' 2>/dev/null
     check "$P the killed nspawn left its ephemeral copy behind ($(ephemeral_copies | wc -l) found)" [ -n "$(ephemeral_copies)" ]
     run_body build_script 'echo hi'
     if [ "$mode" = systemd ]; then
@@ -442,7 +456,7 @@ maint_scenario() {
     check "no ephemeral copies, no machines left" sh -c "[ -z \"\$(find '$STORE/$IMG' -maxdepth 1 -name '.#machine.*')\" ] && ! machinectl list --no-legend | grep -q '^run-'"
 }
 
-for p in $SUITE_PATHS; do job_scenario "$p"; done
+[ "${SUITE_JOB:-1}" = 1 ] && for p in $SUITE_PATHS; do job_scenario "$p"; done
 [ "${SUITE_CRASH:-1}" = 1 ] && for p in $SUITE_PATHS; do crash_scenario "$p"; done
 [ "${SUITE_PCANCEL:-1}" = 1 ] && for p in $SUITE_PATHS; do prepare_cancel_scenario "$p"; done
 failure_scenarios
