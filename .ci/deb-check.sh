@@ -22,6 +22,8 @@
 #                     job and purge need the .deb from build in the same work dir)
 #   DEB_CHECK_TREE    what to build: "worktree" (default: the files git tracks or
 #                     would track, as they are on disk) or "head" (git archive HEAD)
+#   DEB_CHECK_BTRFS   1 (default): also drive the job with the store on a
+#                     loop-mounted btrfs; 0: only the plain store
 #   DEB_CHECK_PATCH   a patch (-p1) applied to the copied tree before building,
 #                     to try a fix without committing it
 #   DEB_BUILD_OPTIONS passed to dpkg-buildpackage; default "nocheck": dh-cargo's
@@ -329,28 +331,31 @@ PY
 # environment + TMPDIR/BUILD_*_EXIT_CODE/JOB_RESPONSE_FILE + CUSTOM_ENV_*.
 JOB_TMP=/tmp/custom-executor1234567
 PROJECT_DIR=/builds/group/project
-stage_env=(
-    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-    LANG=C.UTF-8
-    TMPDIR="$JOB_TMP"
-    BUILD_FAILURE_EXIT_CODE=1
-    SYSTEM_FAILURE_EXIT_CODE=2
-    BUILD_EXIT_CODE_FILE="$JOB_TMP/build_exit_code"
-    JOB_RESPONSE_FILE="$JOB_TMP/response.json"
-    CUSTOM_ENV_CI_JOB_ID="$JOB_ID"
-    CUSTOM_ENV_CI_JOB_IMAGE="$IMAGE_NAME"
-    CUSTOM_ENV_CI_BUILDS_DIR=/builds
-    CUSTOM_ENV_CI_PROJECT_DIR="$PROJECT_DIR"
-    CUSTOM_ENV_CI_CONCURRENT_ID=0
-    CUSTOM_ENV_CI_CONCURRENT_PROJECT_ID=0
-    CUSTOM_ENV_CI_SERVER=yes
-    CUSTOM_ENV_CI_JOB_STATUS=running
-    CUSTOM_ENV_CI_JOB_SERVICES=
-)
+set_job_env() {
+    # set_job_env JOB_ID IMAGE: the environment gitlab-runner gives the stages
+    stage_env=(
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+        LANG=C.UTF-8
+        TMPDIR="$JOB_TMP"
+        BUILD_FAILURE_EXIT_CODE=1
+        SYSTEM_FAILURE_EXIT_CODE=2
+        BUILD_EXIT_CODE_FILE="$JOB_TMP/build_exit_code"
+        JOB_RESPONSE_FILE="$JOB_TMP/response.json"
+        CUSTOM_ENV_CI_JOB_ID="$1"
+        CUSTOM_ENV_CI_JOB_IMAGE="$2"
+        CUSTOM_ENV_CI_BUILDS_DIR=/builds
+        CUSTOM_ENV_CI_PROJECT_DIR="$PROJECT_DIR"
+        CUSTOM_ENV_CI_CONCURRENT_ID=0
+        CUSTOM_ENV_CI_CONCURRENT_PROJECT_ID=0
+        CUSTOM_ENV_CI_SERVER=yes
+        CUSTOM_ENV_CI_JOB_STATUS=running
+        CUSTOM_ENV_CI_JOB_SERVICES=
+    )
+}
 stage() {
     # stage NAME ARGS... ; stdout -> $WORK/job/NAME.out, stderr -> NAME.err
     local name="$1"; shift
-    local tag="${STAGE_TAG:-$name}"
+    local tag="${JOB_KIND:-job}-${STAGE_TAG:-$name}"
     set +e
     env -i "${stage_env[@]}" nsenter --target "$HOLDER" --mount --root --wd=/ -- env -C "$JOB_TMP" "/usr/lib/nspawn-runner/$name" "$@" \
         < /dev/null > "$WORK/job/$tag.out" 2> "$WORK/job/$tag.err"
@@ -370,9 +375,9 @@ run_stage() {
 $body"
     STAGE_TAG="run-$n-$st" stage run "$JOB_TMP/script$n/script" "$st" || rc=$?
     if [ "$rc" = "$want_rc" ]; then
-        pass "run $st exited $rc as expected"
+        pass "[$JOB_KIND] run $st exited $rc as expected"
     else
-        fail "run $st exited $rc, expected $want_rc"
+        fail "[$JOB_KIND] run $st exited $rc, expected $want_rc"
     fi
 }
 
@@ -442,52 +447,63 @@ if want job || want purge; then
     fi
 fi
 
-if want job; then
-    log "importing the image: nspawn-runner image import $IMAGE_NAME /mnt/deb-check/$(basename "$IMG_TAR")"
-    if in_root nspawn-runner image import "$IMAGE_NAME" "/mnt/deb-check/$(basename "$IMG_TAR")" > "$WORK/image-import.log" 2>&1; then
-        pass "nspawn-runner image import $IMAGE_NAME"
-    else
-        sed 's/^/  [import] /' "$WORK/image-import.log"
-        die "nspawn-runner image import failed"
-    fi
-    cur="$(readlink "$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/current" || true)"
-    if [[ "$cur" =~ ^[0-9]+_[0-9]+$ ]] && [ -d "$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/$cur/etc" ]; then
-        pass "store: $IMAGE_NAME/current -> $cur"
-    else
-        fail "store: $IMAGE_NAME/current is '$cur'"
-    fi
-    in_root nspawn-runner image list > "$WORK/image-list.log" 2>&1 && grep -q "$IMAGE_NAME" "$WORK/image-list.log" \
-        && pass "nspawn-runner image list shows $IMAGE_NAME" || fail "nspawn-runner image list does not show $IMAGE_NAME"
+store_ls() { in_root sh -c 'ls -A "$1" 2>/dev/null' sh "$1"; }
 
+# drive_job KIND JOB_ID: import the image into the store as it is now, then one
+# job through config, prepare, five run stages, cleanup (twice), and checks
+# that nothing of it is left.
+drive_job() {
+    JOB_KIND="$1"
+    local id="$2" S=/var/lib/nspawn-runner cur rc tj tp
+    RUN_N=0
+    log "[$JOB_KIND] nspawn-runner image import $IMAGE_NAME /mnt/deb-check/$(basename "$IMG_TAR")"
+    if in_root nspawn-runner image import "$IMAGE_NAME" "/mnt/deb-check/$(basename "$IMG_TAR")" > "$WORK/job/$JOB_KIND-import.log" 2>&1; then
+        pass "[$JOB_KIND] nspawn-runner image import $IMAGE_NAME"
+    else
+        sed 's/^/  [import] /' "$WORK/job/$JOB_KIND-import.log"
+        fail "[$JOB_KIND] nspawn-runner image import failed"
+        return 0
+    fi
+    cur="$(in_root readlink "$S/$IMAGE_NAME/current" || true)"
+    if [[ "$cur" =~ ^[0-9]+_[0-9]+$ ]] && in_root test -d "$S/$IMAGE_NAME/$cur/etc"; then
+        pass "[$JOB_KIND] store: $IMAGE_NAME/current -> $cur"
+    else
+        fail "[$JOB_KIND] store: $IMAGE_NAME/current is '$cur'"
+    fi
+    in_root nspawn-runner image list > "$WORK/job/$JOB_KIND-image-list.log" 2>&1 && grep -q "$IMAGE_NAME" "$WORK/job/$JOB_KIND-image-list.log" \
+        && pass "[$JOB_KIND] nspawn-runner image list shows $IMAGE_NAME" || fail "[$JOB_KIND] nspawn-runner image list does not show $IMAGE_NAME"
+
+    rm -rf -- "${ROOTFS:?}$JOB_TMP"
     mkdir -p "$ROOTFS$JOB_TMP"
     chmod 0700 "$ROOTFS$JOB_TMP"
-    printf '{"id": %s}\n' "$JOB_ID" > "$ROOTFS$JOB_TMP/response.json"
+    printf '{"id": %s}\n' "$id" > "$ROOTFS$JOB_TMP/response.json"
     chmod 0600 "$ROOTFS$JOB_TMP/response.json"
+    set_job_env "$id" "$IMAGE_NAME"
 
     tj="$(date +%s)"
     # config_exec
     if stage config; then
-        if [ ! -s "$WORK/job/config.out" ] || python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert isinstance(d, dict); [isinstance(v,str) or (_ for _ in ()).throw(SystemExit("non-string "+k)) for k,v in d.items() if k in ("builds_dir","cache_dir","hostname","shell")]' "$WORK/job/config.out"; then
-            pass "config exited 0 with valid config JSON"
+        if [ ! -s "$WORK/job/$JOB_KIND-config.out" ] || python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert isinstance(d, dict); [isinstance(v,str) or (_ for _ in ()).throw(SystemExit("non-string "+k)) for k,v in d.items() if k in ("builds_dir","cache_dir","hostname","shell")]' "$WORK/job/$JOB_KIND-config.out"; then
+            pass "[$JOB_KIND] config exited 0 with valid config JSON"
         else
-            fail "config printed invalid JSON"
+            fail "[$JOB_KIND] config printed invalid JSON"
         fi
     else
-        fail "config exited non-zero"
+        fail "[$JOB_KIND] config exited non-zero"
     fi
     # prepare_exec
     tp="$(date +%s)"
     if stage prepare; then
-        pass "prepare exited 0 ($(( $(date +%s) - tp ))s)"
+        pass "[$JOB_KIND] prepare exited 0 ($(( $(date +%s) - tp ))s)"
         # run_exec, stage by stage, as gitlab-runner does for a job with
         # GIT_STRATEGY=none and an after_script.
         run_stage prepare_script 'echo "Running on $(hostname)..."
 rm "-f" "/builds/group/project.tmp/gitlab_runner_env"' 0
-        run_stage get_sources 'export CI_JOB_ID=4242
+        run_stage get_sources "export CI_JOB_ID=$id"'
 export CI_PROJECT_DIR=/builds/group/project
 mkdir -p "/builds/group/project"
 echo "Skipping Git repository setup"' 0
-        run_stage build_script 'export CI_JOB_ID=4242
+        run_stage build_script "export CI_JOB_ID=$id"'
 export CI_PROJECT_DIR=/builds/group/project
 cd "/builds/group/project"
 echo $'"'"'\e[32;1m$ uname -a\e[0;m'"'"'
@@ -504,59 +520,88 @@ echo "system=$(timeout 60 systemctl is-system-running --wait 2>&1 || true)"
 echo "deb-check build ok"' 0
         run_stage after_script 'cd "/builds/group/project"
 echo "Running after script..."
-grep -q "built by job 4242" artifact.txt' 0
+grep -q "built by job '"$id"'" artifact.txt' 0
         run_stage step_fail 'cd "/builds/group/project"
 echo "this step fails with 3"
 false || exit 3' 1
-        if grep -qx 'pid1=systemd' "$WORK"/job/run-*-build_script.out; then
-            pass "the job runs in a booted machine (PID 1 is systemd)"
+        if grep -qx 'pid1=systemd' "$WORK"/job/"$JOB_KIND"-run-*-build_script.out; then
+            pass "[$JOB_KIND] the job runs in a booted machine (PID 1 is systemd)"
         else
-            fail "PID 1 in the job's machine is not systemd"
+            fail "[$JOB_KIND] PID 1 in the job's machine is not systemd"
         fi
         # Informational: whether systemctl in a job sees the machine's systemd
         # (jobs that start services need that).
-        printf 'INFO: systemctl is-system-running in the job: %s\n' \
-            "$(sed -n 's/^system=//p' "$WORK"/job/run-*-build_script.out | tr '\n' ' ')"
-        if grep -q 'deb-check build ok' "$WORK"/job/run-*-build_script.out; then
-            pass "build_script output streamed to stdout"
+        printf 'INFO: [%s] systemctl is-system-running in the job: %s\n' "$JOB_KIND" \
+            "$(sed -n 's/^system=//p' "$WORK"/job/"$JOB_KIND"-run-*-build_script.out | tr '\n' ' ')"
+        if grep -q 'deb-check build ok' "$WORK"/job/"$JOB_KIND"-run-*-build_script.out; then
+            pass "[$JOB_KIND] build_script output streamed to stdout"
         else
-            fail "build_script output not seen on stdout"
+            fail "[$JOB_KIND] build_script output not seen on stdout"
         fi
     else
-        fail "prepare exited non-zero"
+        fail "[$JOB_KIND] prepare exited non-zero"
     fi
     # cleanup_exec: always, and idempotent
-    if stage cleanup; then pass "cleanup exited 0"; else fail "cleanup exited non-zero"; fi
-    STAGE_TAG=cleanup-again stage cleanup && pass "cleanup again exited 0 (idempotent)" || fail "second cleanup exited non-zero"
-    pass "whole job took $(( $(date +%s) - tj ))s"
+    if stage cleanup; then pass "[$JOB_KIND] cleanup exited 0"; else fail "[$JOB_KIND] cleanup exited non-zero"; fi
+    STAGE_TAG=cleanup-again stage cleanup && pass "[$JOB_KIND] cleanup again exited 0 (idempotent)" || fail "[$JOB_KIND] second cleanup exited non-zero"
+    pass "[$JOB_KIND] whole job took $(( $(date +%s) - tj ))s"
 
     # Nothing of the job must survive.
-    snap="$ROOTFS/var/lib/nspawn-runner/$IMAGE_NAME/$cur"
-    [ ! -e "$snap/etc/deb-check-marker" ] && pass "image unchanged by the job" || fail "the job wrote into the image"
-    store_mounts="$(in_root cat /proc/self/mountinfo | awk '$5 ~ "^/var/lib/nspawn-runner" {print $5}' | tr '\n' ' ')"
+    ! in_root test -e "$S/$IMAGE_NAME/$cur/etc/deb-check-marker" && pass "[$JOB_KIND] image unchanged by the job" || fail "[$JOB_KIND] the job wrote into the image"
+    store_mounts="$(in_root cat /proc/self/mountinfo | awk -v s="$S" '$5 ~ "^" s "/" {print $5}' | tr '\n' ' ')"
     if [ -n "$store_mounts" ]; then
-        fail "mounts left in the store: $store_mounts"
+        fail "[$JOB_KIND] mounts left in the store: $store_mounts"
     else
-        pass "no mounts left in the store"
+        pass "[$JOB_KIND] no mounts left in the store"
     fi
     left="$(ns_procs | tr '\n' ' ')"
-    [ -z "$left" ] && pass "no machine process left" || fail "processes left in the test system: $left"
-    if [ -n "$(in_root ls -A /run/nspawn-runner 2>/dev/null)" ]; then
-        fail "state left in /run/nspawn-runner: $(in_root ls -A /run/nspawn-runner | tr '\n' ' ')"
+    [ -z "$left" ] && pass "[$JOB_KIND] no machine process left" || fail "[$JOB_KIND] processes left in the test system: $left"
+    if [ -n "$(store_ls /run/nspawn-runner)" ]; then
+        fail "[$JOB_KIND] state left in /run/nspawn-runner: $(store_ls /run/nspawn-runner | tr '\n' ' ')"
     else
-        pass "no job state left in /run/nspawn-runner"
+        pass "[$JOB_KIND] no job state left in /run/nspawn-runner"
     fi
-    if [ -n "$(find "$ROOTFS/var/lib/nspawn-runner" -mindepth 1 -maxdepth 2 -name 'run-*' 2>/dev/null)" ] \
-       || [ -n "$(ls -A "$ROOTFS/var/lib/nspawn-runner/.jobs" 2>/dev/null)" ]; then
-        fail "job leftovers in the store"
+    if store_ls "$S/$IMAGE_NAME" | grep -q '^\.#machine' || [ -n "$(store_ls "$S/.jobs")" ]; then
+        fail "[$JOB_KIND] job leftovers in the store: $(store_ls "$S/$IMAGE_NAME" | tr '\n' ' ') / $(store_ls "$S/.jobs" | tr '\n' ' ')"
     else
-        pass "no job leftovers in the store"
+        pass "[$JOB_KIND] no job leftovers in the store"
     fi
     # A job for an image that does not exist is a system failure (exit 2).
-    stage_env+=(CUSTOM_ENV_CI_JOB_IMAGE=no-such-image CUSTOM_ENV_CI_JOB_ID=4243)
+    set_job_env "$(( id + 1 ))" no-such-image
     rc=0; STAGE_TAG=prepare-missing-image stage prepare || rc=$?
-    [ "$rc" = 2 ] && pass "prepare with a missing image exits 2 (system failure)" || fail "prepare with a missing image exited $rc, expected 2"
+    [ "$rc" = 2 ] && pass "[$JOB_KIND] prepare with a missing image exits 2 (system failure)" || fail "[$JOB_KIND] prepare with a missing image exited $rc, expected 2"
     STAGE_TAG=cleanup-missing-image stage cleanup || true
+}
+
+if want job; then
+    # 1. the store as the package made it: a directory on the test system's
+    #    file system (ext4 or whatever the work dir is on): overlay jobs.
+    drive_job plain "$JOB_ID"
+
+    # 2. the store on btrfs (what btrfs-progs is recommended for): a
+    #    loop-mounted btrfs file system on /var/lib/nspawn-runner, mounted in
+    #    the test system's namespace only; ephemeral snapshots for jobs.
+    if [ "${DEB_CHECK_BTRFS:-1}" = 1 ]; then
+        log "[btrfs] making a loop-mounted btrfs store"
+        in_root sh -ec '
+            truncate -s 3G /var/tmp/deb-check-store.btrfs
+            mkfs.btrfs -q /var/tmp/deb-check-store.btrfs
+            mount -o loop /var/tmp/deb-check-store.btrfs /var/lib/nspawn-runner
+            chmod 0700 /var/lib/nspawn-runner' > "$WORK/job/btrfs-setup.log" 2>&1 \
+            && BTRFS_OK=1 || BTRFS_OK=0
+        if [ "$BTRFS_OK" = 1 ]; then
+            drive_job btrfs "$(( JOB_ID + 10 ))"
+            if in_root sh -ec 'umount /var/lib/nspawn-runner && rm -f /var/tmp/deb-check-store.btrfs' >> "$WORK/job/btrfs-setup.log" 2>&1; then
+                pass "[btrfs] btrfs store unmounted"
+            else
+                sed 's/^/  [btrfs] /' "$WORK/job/btrfs-setup.log"
+                fail "[btrfs] could not unmount the btrfs store (busy?)"
+            fi
+        else
+            sed 's/^/  [btrfs] /' "$WORK/job/btrfs-setup.log"
+            fail "[btrfs] could not make a loop-mounted btrfs store (set DEB_CHECK_BTRFS=0 where loop devices are missing)"
+        fi
+    fi
 fi
 
 # --- 4. purge -------------------------------------------------------------------
