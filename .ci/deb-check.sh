@@ -62,8 +62,9 @@ command -v python3 >/dev/null || need_pkgs+=(python3)
 command -v findmnt >/dev/null || need_pkgs+=(util-linux)
 command -v git >/dev/null || need_pkgs+=(git)
 [ -z "${DEB_CHECK_PATCH:-}" ] || command -v patch >/dev/null || need_pkgs+=(patch)
-# mmdebstrap needs the trixie signing keys; bookworm's keyring has them.
-[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need_pkgs+=(debian-archive-keyring)
+# mmdebstrap needs the trixie signing keys (bookworm's keyring has them since
+# 2023.3+deb12u2).
+[ -e /usr/share/keyrings/debian-archive-trixie-stable.gpg ] || need_pkgs+=(debian-archive-keyring)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     log "installing on the host: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -146,12 +147,86 @@ stop_testroot() {
 }
 cleanup() {
     local rc=$?
+    if [ -n "${SYSTEMS_PID:-}" ]; then
+        kill_tree "$SYSTEMS_PID"
+        sleep 1
+    fi
     stop_testroot
     [ -d "$ROOTFS" ] && umount_under "$ROOTFS"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# --- 0. the systems for steps 3 and 4, made in the background ----------------
+# The bookworm job image (minbase + systemd + dbus, cached as a tarball in the
+# work dir) and the clean trixie test system (minbase + systemd-container +
+# btrfs-progs) are made while the package builds: mmdebstrap mostly waits for
+# the network, the build for the CPU.
+IMG_TAR="$WORK/cache/bookworm-minbase-systemd-v2.tar"
+SYSTEMS_PID=""
+make_systems() {
+    if [ ! -s "$IMG_TAR" ]; then
+        # /etc/deb-check-image marks the tree: job scripts refuse to run
+        # anywhere else (so a broken "run" cannot write to the host).
+        mmdebstrap --variant=minbase --include=systemd,dbus \
+            --customize-hook='echo deb-check > "$1/etc/deb-check-image"' \
+            bookworm "$IMG_TAR.tmp" "$MIRROR" > "$WORK/mmdebstrap-image.log" 2>&1 || return 1
+        mv -- "$IMG_TAR.tmp" "$IMG_TAR" || return 1
+    fi
+    mmdebstrap --variant=minbase --include=systemd-container,btrfs-progs \
+        trixie "$ROOTFS" "$MIRROR" > "$WORK/mmdebstrap-testroot.log" 2>&1 || return 1
+}
+start_systems() {
+    umount_under "$ROOTFS"
+    rm -rf --one-file-system -- "$ROOTFS"
+    mkdir -p "$WORK/cache"
+    rm -f -- "$WORK/systems.rc"
+    log "making the job image (bookworm, unless cached) and the clean trixie test system (mmdebstrap), in the background"
+    ( set +e; make_systems; echo "$?" > "$WORK/systems.rc" ) < /dev/null &
+    SYSTEMS_PID=$!
+}
+wait_systems() {
+    local t
+    t="$(date +%s)"
+    [ -n "$SYSTEMS_PID" ] || start_systems
+    wait "$SYSTEMS_PID" 2>/dev/null || true
+    SYSTEMS_PID=""
+    if [ "$(cat "$WORK/systems.rc" 2>/dev/null)" != 0 ]; then
+        tail -20 "$WORK/mmdebstrap-image.log" "$WORK/mmdebstrap-testroot.log" >&2 2>/dev/null || true
+        die "mmdebstrap of the job image or of the test system failed (logs in $WORK)"
+    fi
+    log "job image and test system ready (waited $(( $(date +%s) - t ))s)"
+}
+kill_tree() {
+    # kill -9 a process and all its descendants
+    local pids
+    pids="$(python3 - "$1" <<'PY'
+import os, sys
+root = int(sys.argv[1])
+parent = {}
+for d in os.listdir("/proc"):
+    if d.isdigit():
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            pass
+found, changed = {root}, True
+while changed:
+    changed = False
+    for pid, ppid in parent.items():
+        if ppid in found and pid not in found:
+            found.add(pid); changed = True
+print(" ".join(str(p) for p in sorted(found) if p in parent))
+PY
+)"
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+}
+if want job || want purge; then
+    start_systems
+fi
 
 # --- 1. build -----------------------------------------------------------------
 OUT="$WORK/out"
@@ -383,29 +458,10 @@ $body"
 
 if want job || want purge; then
     [ -n "$DEB" ] && [ -f "$DEB" ] || die "no .deb in $OUT (run the build step first)"
-    stop_testroot
-    umount_under "$ROOTFS"
-    rm -rf --one-file-system -- "$ROOTFS"
-    mkdir -p "$WORK/cache" "$WORK/job"
+    mkdir -p "$WORK/job"
     rm -f -- "$WORK/job"/*
 
-    # The bookworm job image: minbase + systemd + dbus, cached as a tarball.
-    IMG_TAR="$WORK/cache/bookworm-minbase-systemd-v2.tar"
-    if [ ! -s "$IMG_TAR" ]; then
-        log "making the bookworm job image tarball (mmdebstrap minbase + systemd,dbus)"
-        # /etc/deb-check-image marks the tree: job scripts refuse to run
-        # anywhere else (so a broken "run" cannot write to the host).
-        mmdebstrap --variant=minbase --include=systemd,dbus \
-            --customize-hook='echo deb-check > "$1/etc/deb-check-image"' \
-            bookworm "$IMG_TAR.tmp" "$MIRROR" \
-            > "$WORK/mmdebstrap-image.log" 2>&1 || { tail -20 "$WORK/mmdebstrap-image.log" >&2; die "image mmdebstrap failed"; }
-        mv -- "$IMG_TAR.tmp" "$IMG_TAR"
-    fi
-
-    log "making the clean trixie test system (mmdebstrap minbase + systemd-container,btrfs-progs)"
-    mmdebstrap --variant=minbase --include=systemd-container,btrfs-progs \
-        trixie "$ROOTFS" "$MIRROR" > "$WORK/mmdebstrap-testroot.log" 2>&1 \
-        || { tail -20 "$WORK/mmdebstrap-testroot.log" >&2; die "test system mmdebstrap failed"; }
+    wait_systems
     start_testroot
     cp -- "$DEB" "$ROOTFS/tmp/"
     DEB_IN="/tmp/$(basename "$DEB")"
