@@ -115,6 +115,7 @@ fn hostile_job_ids(kind: StoreKind) {
         out.assert_system_failure(2);
         assert_unchanged(&format!("cleanup with job id {id:?}"), &before, &env);
         assert!(fs::read_dir(&env.state_dir).unwrap().next().is_none(), "state dir not empty after id {id:?}");
+        assert_store_idle(&env);
     }
     // no id at all
     let job = env.job();
@@ -123,6 +124,7 @@ fn hostile_job_ids(kind: StoreKind) {
     cmd.env_remove("CUSTOM_ENV_CI_JOB_ID");
     run_cmd("prepare without CUSTOM_ENV_CI_JOB_ID", &mut cmd).assert_system_failure(2);
     assert_unchanged("prepare without a job id", &before, &env);
+    assert_store_idle(&env);
 }
 
 fn longest_valid_job_id(kind: StoreKind) {
@@ -227,4 +229,5 @@ fn hostile_admin_names(kind: StoreKind) {
     }
     assert_eq!(env.current(IMAGE).as_deref(), Some(snap.as_str()));
     assert!(Path::new(&env.image_dir(IMAGE).join(&snap)).join("usr/lib/systemd/systemd").exists());
+    assert_store_idle(&env);
 }

@@ -241,6 +241,7 @@ fn rollback_and_list(kind: StoreKind) {
     assert!(env.snapshots(IMAGE).contains(&s1));
     env.admin(&["image", "gc", IMAGE]).assert_ok();
     assert_no_orphans(&env, 1, &[], false);
+    assert_store_idle(&env);
 }
 
 fn lock_contention(kind: StoreKind) {
@@ -287,6 +288,7 @@ fn lock_contention(kind: StoreKind) {
     assert!(log.ends_with("long\n") && !log.contains("short"), "{log:?}");
     env.admin(&["image", "gc", IMAGE]).assert_ok();
     assert_no_orphans(&env, 1, &[], false);
+    assert_store_idle(&env);
 }
 
 /// Processes in process group `pgid`.
@@ -302,8 +304,15 @@ fn crash_safety_kill9(kind: StoreKind) {
     let Some(env) = TestEnv::new(kind, "crash") else { return };
     env.set("NSPAWN_RUNNER_LOCK_TIMEOUT", "60");
     let mut rng = Rng::new();
+    // How long one undisturbed transaction takes here: the kills land at random moments inside it
+    // (0..2 s, but no later than the transaction normally ends, or most kills would hit nothing).
+    let t = std::time::Instant::now();
+    maintain(&env, "echo base > /etc/marker").assert_ok();
+    let span = t.elapsed().min(Duration::from_secs(2)).as_millis().max(50) as u64;
+    eprintln!("one maintain takes {:?}; killing at random moments in 0..{span} ms", t.elapsed());
+    let mut killed_midway = 0;
     for i in 0..10 {
-        let delay = Duration::from_millis(rng.below(2000));
+        let delay = Duration::from_millis(rng.below(span));
         let before = env.current(IMAGE).unwrap();
         let before_marker = marker(&env, &before);
         let r = spawn(
@@ -321,6 +330,9 @@ fn crash_safety_kill9(kind: StoreKind) {
         }
         let out = r.wait(Duration::from_secs(30));
         eprintln!("iteration {i}: killed after {delay:?}: {:?} {:?}", out.code, out.signal);
+        if out.signal == Some(libc::SIGKILL) {
+            killed_midway += 1;
+        }
 
         // `current` resolves to a complete tree: the old one or the new one, never a half-built one
         let cur = env.current(IMAGE).unwrap_or_else(|| panic!("iteration {i}: no valid current"));
@@ -342,6 +354,7 @@ fn crash_safety_kill9(kind: StoreKind) {
         env.admin(&["image", "gc", IMAGE]).assert_ok();
         assert_no_orphans(&env, 1, &[], false);
     }
+    eprintln!("{killed_midway} of 10 maintains were killed before they finished");
     // the store still takes a transaction (no stale lock)
     let out = env.admin_env(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo final > /etc/marker"], &[("NSPAWN_RUNNER_LOCK_TIMEOUT", "10")]);
     out.assert_ok();
@@ -389,4 +402,5 @@ fn gc_removes_awkward_snapshots(kind: StoreKind) {
     assert!(fs::symlink_metadata(&old).is_err(), "gc left {}", old.display());
     assert_eq!(env.snapshots(IMAGE), vec![s2]);
     assert_no_orphans(&env, 0, &[], false);
+    assert_store_idle(&env);
 }

@@ -1077,12 +1077,36 @@ pub fn mounts_below(p: &Path) -> Vec<PathBuf> {
     mounts().into_iter().map(|m| m.0).filter(|m| m.starts_with(p)).collect()
 }
 
-/// Every test ends with this: nothing of job `id` is left on the host.
+/// Processes with an argument that names a path at or below `p` (nspawn -D, cp, btrfs, ...).
+pub fn processes_using(p: &Path) -> Vec<(i32, Vec<String>)> {
+    let p = p.to_string_lossy().into_owned();
+    processes()
+        .into_iter()
+        .filter(|(_, argv)| argv.iter().any(|a| a.contains(&p)))
+        .collect()
+}
+
+/// Every test ends with this: nothing of job `id` is left on the host (its machine process, mounts,
+/// ephemeral copies, per-job dir, state file), and nothing of this test's store is still in use at all
+/// (no process naming a path in it, no mount in it, no other state file, no other per-job dir).
 #[track_caller]
 pub fn assert_nothing_left(env: &TestEnv, id: &str) {
     let machine = format!("run-{id}");
     let procs = nspawn_pids(&machine);
     assert!(procs.is_empty(), "systemd-nspawn of {machine} still running: pids {procs:?}");
+    let jobdir = env.root.join(".jobs").join(&machine);
+    assert!(fs::symlink_metadata(&jobdir).is_err(), "per-job dir left: {}", jobdir.display());
+    let state = env.state_dir.join(format!("{id}.json"));
+    assert!(fs::symlink_metadata(&state).is_err(), "state file left: {}", state.display());
+    assert_store_idle(env);
+}
+
+/// Nothing of this test's store is in use: no process names a path in it, nothing is mounted in it, no
+/// machine copy, no per-job dir, no state file.
+#[track_caller]
+pub fn assert_store_idle(env: &TestEnv) {
+    let procs = processes_using(&env.store_dir);
+    assert!(procs.is_empty(), "processes still use the store {}: {procs:?}", env.store_dir.display());
     for base in [&env.store_dir, &env.state_dir, &env.cache_dir] {
         let m = mounts_below(base);
         assert!(m.is_empty(), "mounts left below {}: {m:?}", base.display());
@@ -1097,16 +1121,10 @@ pub fn assert_nothing_left(env: &TestEnv, id: &str) {
             }
         }
     }
-    let jobdir = env.root.join(".jobs").join(&machine);
-    assert!(fs::symlink_metadata(&jobdir).is_err(), "per-job dir left: {}", jobdir.display());
-    let state = env.state_dir.join(format!("{id}.json"));
-    assert!(fs::symlink_metadata(&state).is_err(), "state file left: {}", state.display());
-    if let Ok(rd) = fs::read_dir(&env.state_dir) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            assert!(!n.starts_with(&format!("{id}.")), "state file left: {}", e.path().display());
-        }
-    }
+    let jobs: Vec<_> = fs::read_dir(env.root.join(".jobs")).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(jobs.is_empty(), "per-job dirs left: {jobs:?}");
+    let states: Vec<_> = fs::read_dir(&env.state_dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(states.is_empty(), "state files left: {states:?}");
 }
 
 /// A listing of a tree (path -> kind / link target / size) for before/after comparisons. Does not descend
