@@ -36,7 +36,7 @@ check() {  # check DESCRIPTION COMMAND... : PASS if COMMAND succeeds
     local d="$1"; shift
     if "$@"; then pass "$d"; else fail "$d"; fi
 }
-section() { printf '\n=== %s\n' "$*"; }
+section() { printf "\n=== %s  [%.0f s]\n" "$*" "$(awk "BEGIN{print $(ts) - $T_START}")"; }
 show() {  # show FILE LABEL: print a stage's output (indented), always on failure paths
     [ -s "$1" ] && sed "s/^/    $2| /" "$1" | head -n 40
     return 0
