@@ -111,7 +111,7 @@ fn escape(path: &Path) -> String {
 }
 
 /// Waits until `done` is true, polling, for at most `timeout`; true if it became true.
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if done() {

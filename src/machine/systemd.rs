@@ -98,14 +98,7 @@ impl Host for SystemdHost {
         // CPUWeight) bind it like every other process of the machine.
         let unit = state.unit.clone().unwrap_or_else(|| unit_name(&state.machine));
         let cgroup = unit_property(&unit, "ControlGroup").ok().filter(|c| !c.is_empty());
-        let outcome = enter::run_script_in_cgroup(running, script, grace, cgroup.as_deref())?;
-        if outcome == ScriptOutcome::Exited(128 + libc::SIGKILL) {
-            // SIGKILLed: perhaps the machine is going down (unit killed or stopped). The kernel
-            // kills the other processes of the machine's pid namespace before its init is gone,
-            // so give the init a moment: the stage then reports a dead machine, not a failed script.
-            wait_until(Duration::from_secs(2), || !running.leader_alive());
-        }
-        Ok(outcome)
+        enter::run_script_in_cgroup(running, script, grace, cgroup.as_deref())
     }
 }
 

@@ -5,6 +5,10 @@ use crate::error::{Error, Result};
 use crate::job::EXIT_CODES;
 use crate::machine::{self, ScriptOutcome};
 use std::path::Path;
+use std::time::Duration;
+
+/// How long a SIGKILLed script's machine gets to finish dying, to tell the two cases apart.
+const MACHINE_DEATH_WAIT: Duration = Duration::from_secs(2);
 
 /// Runs `script` (stage `stage`, any name) in the job's machine. Ok(()) when it succeeded; a
 /// `Build` error when the script failed; a `System` error when the machine is gone or broken.
@@ -21,6 +25,12 @@ pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
     match host.run_script(&state, running, script, ctx.settings.stop_timeout())? {
         ScriptOutcome::Exited(0) => Ok(()),
         ScriptOutcome::Exited(code) => {
+            if code == 128 + libc::SIGKILL {
+                // SIGKILLed: perhaps the machine is going down. The kernel kills the other
+                // processes of the machine's pid namespace before its init is gone, so give the
+                // init a moment: the stage then reports a dead machine, not a failed script.
+                machine::wait_until(MACHINE_DEATH_WAIT, || !running.leader_alive());
+            }
             if !running.leader_alive() {
                 return Err(Error::new(format!("machine {} died during stage {stage}", state.machine)));
             }
