@@ -322,6 +322,7 @@ fn crash_safety_kill9(kind: StoreKind) {
         let pid = r.pid();
         thread::sleep(delay);
         r.kill_pid(libc::SIGKILL);
+        let killed_at = std::time::Instant::now();
         // children of the killed process (nspawn, cp, btrfs) may finish on their own; they must not hang
         let gone = wait_until(Duration::from_secs(60), || group_members(pid).iter().all(|p| *p == pid));
         if !gone {
@@ -329,7 +330,12 @@ fn crash_safety_kill9(kind: StoreKind) {
             panic!("iteration {i}: children of the killed maintain still run 60 s later");
         }
         let out = r.wait(Duration::from_secs(30));
-        eprintln!("iteration {i}: killed after {delay:?}: {:?} {:?}", out.code, out.signal);
+        eprintln!(
+            "iteration {i}: killed after {delay:?}: {:?} {:?}; its children were gone {:?} later",
+            out.code,
+            out.signal,
+            killed_at.elapsed()
+        );
         if out.signal == Some(libc::SIGKILL) {
             killed_midway += 1;
         }

@@ -52,7 +52,8 @@ fn missing(what: &str) -> Option<TestEnv> {
     if in_ci() {
         panic!("CI=true but this test needs {what}");
     }
-    eprintln!("SKIP: this test needs {what}");
+    // written to fd 2 directly, so that libtest's output capture does not hide it
+    let _ = writeln!(std::io::stderr(), "SKIP: this test needs {what}");
     None
 }
 
