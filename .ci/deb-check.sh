@@ -359,7 +359,7 @@ start_testroot() {
     [ -n "$HOLDER" ] || { cat "$WORK/holder.log" >&2; die "could not set up the test system's mount namespace"; }
 }
 
-in_root() { nsenter --target "$HOLDER" --mount --root --wd=/ -- "$@"; }
+in_root() { nsenter --target "$HOLDER" --mount --root --wd -- "$@"; }
 
 file_list() {
     # Every path of the test system except the package manager's own books and
@@ -432,7 +432,7 @@ stage() {
     local name="$1"; shift
     local tag="${JOB_KIND:-job}-${STAGE_TAG:-$name}"
     set +e
-    env -i "${stage_env[@]}" nsenter --target "$HOLDER" --mount --root --wd=/ -- env -C "$JOB_TMP" "/usr/lib/nspawn-runner/$name" "$@" \
+    env -i "${stage_env[@]}" nsenter --target "$HOLDER" --mount --root --wd -- env -C "$JOB_TMP" "/usr/lib/nspawn-runner/$name" "$@" \
         < /dev/null > "$WORK/job/$tag.out" 2> "$WORK/job/$tag.err"
     local rc=$?
     set -e
@@ -662,6 +662,34 @@ fi
 
 # --- 4. purge -------------------------------------------------------------------
 if want purge; then
+    # The upgrade path (same version: preinst/prerm/postrm "upgrade",
+    # postinst "configure OLD"): the store and a changed conffile survive.
+    echo "# changed by deb-check" >> "$ROOTFS/etc/default/nspawn-runner"
+    images_before="$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')"
+    log "apt-get install --reinstall (upgrade path), then apt-get remove"
+    if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall --no-install-recommends "$1"' sh "$DEB_IN" \
+        > "$WORK/apt-reinstall.log" 2>&1; then
+        pass "apt-get install --reinstall (maintainer scripts' upgrade path)"
+    else
+        tail -20 "$WORK/apt-reinstall.log" >&2; fail "apt-get install --reinstall failed"
+    fi
+    grep -q '^# changed by deb-check' "$ROOTFS/etc/default/nspawn-runner" \
+        && pass "the changed conffile /etc/default/nspawn-runner is kept" || fail "the changed conffile was replaced"
+    [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
+        && pass "the image store survives the upgrade (${images_before:-empty})" || fail "the image store changed in the upgrade"
+    # remove keeps the store and the conffile; purge takes them.
+    if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get remove -y -q nspawn-runner' > "$WORK/apt-remove.log" 2>&1; then
+        pass "apt-get remove nspawn-runner"
+    else
+        tail -20 "$WORK/apt-remove.log" >&2; fail "apt-get remove failed"
+    fi
+    st="$(in_root dpkg-query -W -f '${db:Status-Status}' nspawn-runner 2>/dev/null || echo not-installed)"
+    [ "$st" = config-files ] && pass "dpkg: nspawn-runner config-files after remove" || fail "dpkg status after remove: $st"
+    [ ! -e "$ROOTFS/usr/bin/nspawn-runner" ] && [ ! -e "$ROOTFS/usr/lib/nspawn-runner" ] \
+        && pass "remove took the binary and the stage links" || fail "remove left the binary or the stage links"
+    [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
+        && pass "remove keeps the image store" || fail "remove changed the image store"
+
     log "apt-get purge nspawn-runner"
     in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q nspawn-runner' > "$WORK/apt-purge.log" 2>&1 \
         && pass "apt-get purge nspawn-runner" || { tail -20 "$WORK/apt-purge.log" >&2; fail "apt-get purge failed"; }
