@@ -728,12 +728,8 @@ impl Drop for TestEnv {
                 for e in rd.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
                     if let Some(id) = n.strip_suffix(".json") {
-                        let j = Job::new(self, id);
-                        let r = spawn("cleanup after panic", &mut j.stage_cmd("cleanup", true)).try_wait_out(Duration::from_secs(60));
-                        if let Err(e) = r {
-                            eprintln!("{e}");
-                        }
-                        std::mem::forget(j);
+                        // a Job dropped while panicking runs cleanup (see Drop for Job)
+                        drop(Job::new(self, id));
                     }
                 }
             }
@@ -973,14 +969,21 @@ impl<'a> Job<'a> {
     }
 }
 
+impl Job<'_> {
+    /// Best-effort cleanup while a test panics (must not panic itself, or the test binary aborts).
+    fn cleanup_after_panic(&self) {
+        let r = spawn(&format!("cleanup after panic (job {})", self.id), &mut self.stage_cmd("cleanup", true))
+            .try_wait_out(Duration::from_secs(60));
+        if let Err(e) = r {
+            eprintln!("{e}");
+        }
+    }
+}
+
 impl Drop for Job<'_> {
     fn drop(&mut self) {
         if thread::panicking() {
-            let r = spawn(&format!("cleanup after panic (job {})", self.id), &mut self.stage_cmd("cleanup", true))
-                .try_wait_out(Duration::from_secs(60));
-            if let Err(e) = r {
-                eprintln!("{e}");
-            }
+            self.cleanup_after_panic();
         }
     }
 }
