@@ -100,6 +100,9 @@ fn passing_multi_stage_job(kind: StoreKind) {
             "env | sort",
             "echo to-stderr >&2",
             &format!("echo cached > /cache/{cache_probe}"),
+            &format!("test ! -e {}/response.json", job.tmp.display()),
+            "cat",
+            "echo stdin-safe",
             "echo built > output.txt",
             "echo first-streamed-line",
             "sleep 3",
@@ -142,6 +145,13 @@ fn passing_multi_stage_job(kind: StoreKind) {
         Some("cached\n"),
         "/cache in the machine is not the host cache dir"
     );
+
+    assert!(out.stdout.contains("stdin-safe\n"), "a command reading stdin ate the script\n{}", out.describe());
+
+    // other step names are passed through (step_release etc.): any stage name must work
+    let out = job.run("step_release", &job.user_body(&["cat output.txt"]));
+    out.assert_ok();
+    assert!(out.stdout.contains("built"), "{}", out.describe());
 
     // after_script: a separate process; sees build_script's files
     let out = job.run("after_script", &job.user_body(&["echo \"Running after script...\"", "cat output.txt"]));
