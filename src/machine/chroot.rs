@@ -3,6 +3,7 @@
 use super::{systemd_is_pid1, SAFE_PATH};
 use crate::error::{Context, Error, Result};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus};
 
 /// A command to run inside a tree.
@@ -44,13 +45,21 @@ pub fn tree_args(cmd: &TreeCommand, register: bool) -> Vec<String> {
 /// Runs the command, with our stdio, and returns how it ended.
 pub fn run_in_tree(cmd: &TreeCommand) -> Result<ExitStatus> {
     let register = systemd_is_pid1();
-    let status = Command::new("systemd-nspawn")
-        .args(tree_args(cmd, register))
-        .env("PATH", SAFE_PATH)
-        .env_remove("NOTIFY_SOCKET")
-        .status()
-        .context("running systemd-nspawn")?;
-    Ok(status)
+    let mut command = Command::new("systemd-nspawn");
+    command.args(tree_args(cmd, register)).env("PATH", SAFE_PATH).env_remove("NOTIFY_SOCKET");
+    // SAFETY: prctl with integer arguments is async-signal-safe. If the transaction dies
+    // (kill -9), its work must stop too: gc may delete the tree as soon as the lock is free.
+    // SIGTERM, not SIGKILL: nspawn answers it by killing the command it runs in the tree
+    // (its --kill-signal without --boot), while a SIGKILLed nspawn would leave it running.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.status().context("running systemd-nspawn")
 }
 
 /// Runs the command and fails unless it exits 0.
