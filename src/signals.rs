@@ -53,6 +53,23 @@ pub fn stop_requested() -> bool {
     }
 }
 
+/// Makes `command`'s process get SIGTERM when this process dies, however it dies: work done
+/// for a transaction (nspawn, mmdebstrap, cp, tar) must stop with it, because gc may delete
+/// the transaction's tree as soon as its lock is free. SIGTERM, not SIGKILL: nspawn answers
+/// it by killing the command it runs in the tree, while a SIGKILLed nspawn leaves it running.
+pub fn terminate_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl with integer arguments is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

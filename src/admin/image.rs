@@ -58,6 +58,7 @@ pub fn bootstrap(tree: &Path, suite: &str, mirror: Option<&str>, extra: &[String
     if let Some(mirror) = mirror {
         command.arg(mirror);
     }
+    crate::signals::terminate_with_parent(&mut command);
     log::info!("bootstrapping {suite} into {} with {tool}", tree.display());
     let status = command.status().with_context(|| format!("running {tool} (install mmdebstrap or debootstrap)"))?;
     if !status.success() {
@@ -134,13 +135,14 @@ fn import(settings: &Settings, name: &ImageName, source: &Path) -> Result<()> {
 }
 
 fn extract_tar(archive: &Path, tree: &Path) -> Result<()> {
-    let status = Command::new("tar")
+    let mut command = Command::new("tar");
+    command
         .args(["--extract", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--file"])
         .arg(archive)
         .arg("--directory")
-        .arg(tree)
-        .status()
-        .context("running tar")?;
+        .arg(tree);
+    crate::signals::terminate_with_parent(&mut command);
+    let status = command.status().context("running tar")?;
     if !status.success() {
         return Err(Error::new(format!("extracting {} failed ({status})", archive.display())));
     }

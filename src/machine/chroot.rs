@@ -3,7 +3,6 @@
 use super::{systemd_is_pid1, SAFE_PATH};
 use crate::error::{Context, Error, Result};
 use std::path::{Path, PathBuf};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus};
 
 /// A command to run inside a tree.
@@ -47,18 +46,7 @@ pub fn run_in_tree(cmd: &TreeCommand) -> Result<ExitStatus> {
     let register = systemd_is_pid1();
     let mut command = Command::new("systemd-nspawn");
     command.args(tree_args(cmd, register)).env("PATH", SAFE_PATH).env_remove("NOTIFY_SOCKET");
-    // SAFETY: prctl with integer arguments is async-signal-safe. If the transaction dies
-    // (kill -9), its work must stop too: gc may delete the tree as soon as the lock is free.
-    // SIGTERM, not SIGKILL: nspawn answers it by killing the command it runs in the tree
-    // (its --kill-signal without --boot), while a SIGKILLed nspawn would leave it running.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::signals::terminate_with_parent(&mut command);
     command.status().context("running systemd-nspawn")
 }
 

@@ -11,12 +11,10 @@ pub struct Plain;
 /// cp knows every corner of copying an OS tree (hard links, xattrs, ACLs, devices, sparse
 /// files) and uses reflinks where the filesystem has them (btrfs, XFS, bcachefs).
 pub fn copy_tree(source: &Path, dest: &Path) -> Result<()> {
-    let status = Command::new("cp")
-        .args(["-a", "--reflink=auto", "--no-target-directory"])
-        .arg(source)
-        .arg(dest)
-        .status()
-        .context("running cp")?;
+    let mut command = Command::new("cp");
+    command.args(["-a", "--reflink=auto", "--no-target-directory"]).arg(source).arg(dest);
+    crate::signals::terminate_with_parent(&mut command);
+    let status = command.status().context("running cp")?;
     if !status.success() {
         return Err(Error::new(format!("copying {} to {} failed ({status})", source.display(), dest.display())));
     }
