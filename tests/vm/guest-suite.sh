@@ -9,7 +9,7 @@
 # BINARY defaults to $NSPAWN_RUNNER_BIN or ./nspawn-runner (next to this script).
 # Knobs: SUITE_PATHS="systemd plain" (which host paths to run the job scenarios on),
 #        SUITE_MAINT=1 (transactional maintenance + gc checks), SUITE_CRASH=1 (machine
-#        killed under a job), SUITE_JOB=1 (the full jobs), SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1.
+#        killed under a job), SUITE_JOB=1 (the full jobs), SUITE_PARALLEL=1 (two jobs at once), SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1.
 # Prints PASS:/FAIL: lines and "N passed, N failed"; exit status 0 only if all passed.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,8 +30,9 @@ T_START=$(date +%s.%N)
 ts() { date +%s.%N; }
 dt() { awk "BEGIN{printf \"%.1f\", $(ts) - $1}"; }
 log() { printf '[%6.1fs] %s\n' "$(awk "BEGIN{print $(ts) - $T_START}")" "$*"; }
-pass() { echo "PASS: $*"; passed=$((passed+1)); }
-fail() { echo "FAIL: $*"; failed=$((failed+1)); }
+el() { awk "BEGIN{printf \"%.0f\", $(ts) - $T_START}"; }
+pass() { echo "PASS: $*  [$(el) s]"; passed=$((passed+1)); }
+fail() { echo "FAIL: $*  [$(el) s]"; failed=$((failed+1)); }
 check() {  # check DESCRIPTION COMMAND... : PASS if COMMAND succeeds
     local d="$1"; shift
     if "$@"; then pass "$d"; else fail "$d"; fi
@@ -232,9 +233,20 @@ echo build-done'
 
     if [ "$mode" = systemd ]; then
         # TasksMax=200 must bind the job script: 250 more processes cannot all start
-        run_body build_script 'if ( for i in $(seq 250); do sleep 61 & done; wait ) 2>/dev/null; then echo ALL-STARTED; else echo FORK-LIMITED; fi'
+        # (dash, not bash: bash retries a failed fork for up to half a minute)
+        run_body build_script 'if sh -c "i=0; while [ \$i -lt 250 ]; do sleep 61 & i=\$((i+1)); done" 2>/dev/null; then echo ALL-STARTED; else echo FORK-LIMITED; fi'
         pkill -f 'sleep 61' 2>/dev/null; sleep 0.5
         check "$P TasksMax binds the job script (250 processes: $(tr -d '\n' < "$OUT"))" grep -qx FORK-LIMITED "$OUT"
+        # MemoryMax=256M must bind it too: a 300 MB shell string is OOM-killed, which is the
+        # script's failure (exit 1), not the machine's (2); the machine lives on
+        local cg; cg="/sys/fs/cgroup$(systemctl show "$unit" -p ControlGroup --value)"
+        local oom0; oom0="$(awk '$1=="oom_kill"{print $2}' "$cg/memory.events" 2>/dev/null)"
+        run_body build_script 'x="$(head -c 300M /dev/zero | tr "\\0" a)"; echo "len=${#x}"'
+        local oom1; oom1="$(awk '$1=="oom_kill"{print $2}' "$cg/memory.events" 2>/dev/null)"
+        check "$P MemoryMax binds the job script (oom_kill ${oom0:-?} -> ${oom1:-?}, run exit $RC)" \
+            sh -c "[ $RC = 1 ] && [ '${oom1:-0}' -gt '${oom0:-0}' ]"
+        run_body build_script 'echo still-up'
+        check "$P the machine survives the OOM kill (exit $RC)" sh -c "[ $RC = 0 ] && grep -qx still-up '$OUT'"
     fi
 
     # cancel: SIGTERM to the run stage's process group during a sleep
@@ -380,6 +392,41 @@ prepare_cancel_scenario() {  # prepare_cancel_scenario MODE(systemd|plain)
     machinectl list --no-legend | sed 's/^/    machines| /'
 }
 
+# ---- two jobs prepared and cleaned up at the same time ---------------------------------------
+parallel_scenario() {  # parallel_scenario MODE(systemd|plain)
+    local mode="$1" t i rc ok=1
+    JOB_MODE=$([ "$mode" = systemd ] && echo yes || echo no)
+    local ids=("vm-par1-$mode-$RANDOM" "vm-par2-$mode-$RANDOM") tmps=() envs1=() envs2=() pids=()
+    section "two jobs at once on the $mode path (${ids[*]})"
+    local P="[$mode parallel]"
+    job_env "${ids[0]}"; envs1=("${ENVV[@]}"); tmps+=("$JOBTMP")
+    job_env "${ids[1]}"; envs2=("${ENVV[@]}"); tmps+=("$JOBTMP")
+    t=$(ts)
+    (cd "${tmps[0]}" && exec env -i "${envs1[@]}" setsid "$WORK/links/prepare" </dev/null >prepare.out 2>prepare.err) & pids+=($!)
+    (cd "${tmps[1]}" && exec env -i "${envs2[@]}" setsid "$WORK/links/prepare" </dev/null >prepare.out 2>prepare.err) & pids+=($!)
+    for i in 0 1; do wait "${pids[$i]}" || { ok=0; show "${tmps[$i]}/prepare.err" "prepare ${ids[$i]}"; }; done
+    check "$P both prepares exit 0 ($(dt "$t") s)" [ $ok = 1 ]
+    for i in 0 1; do
+        if [ $i = 0 ]; then ENVV=("${envs1[@]}"); else ENVV=("${envs2[@]}"); fi
+        JOBTMP="${tmps[$i]}"
+        run_body build_script 'echo "host=$(hostname)"'
+        check "$P job ${ids[$i]} runs in its own machine ($(tr -d '\n' < "$OUT"))" grep -qx "host=run-${ids[$i]}" "$OUT"
+    done
+    if [ "$mode" = systemd ]; then
+        check "$P machinectl lists both" sh -c "machinectl list --no-legend | grep -q '^run-${ids[0]} ' && machinectl list --no-legend | grep -q '^run-${ids[1]} '"
+    fi
+    pids=(); t=$(ts)
+    (cd "${tmps[0]}" && exec env -i "${envs1[@]}" setsid "$WORK/links/cleanup" </dev/null >cleanup.out 2>cleanup.err) & pids+=($!)
+    (cd "${tmps[1]}" && exec env -i "${envs2[@]}" setsid "$WORK/links/cleanup" </dev/null >cleanup.out 2>cleanup.err) & pids+=($!)
+    ok=1; for i in 0 1; do wait "${pids[$i]}" || { ok=0; show "${tmps[$i]}/cleanup.err" "cleanup ${ids[$i]}"; }; done
+    check "$P both cleanups exit 0 ($(dt "$t") s)" [ $ok = 1 ]
+    check "$P nothing left of either job" sh -c "
+        ! machinectl list --no-legend | grep -q '^run-vm-par' &&
+        ! pgrep -f '[s]ystemd-nspawn.*--machine=run-vm-par' >/dev/null &&
+        [ -z \"\$(find '$STORE/$IMG' -maxdepth 1 -name '.#machine.*')\" ] &&
+        [ ! -e '$STATE_DIR/${ids[0]}.json' ] && [ ! -e '$STATE_DIR/${ids[1]}.json' ]"
+}
+
 # ---- prepare failures -----------------------------------------------------------------------
 failure_scenarios() {
     section "system failures"
@@ -459,6 +506,7 @@ maint_scenario() {
 [ "${SUITE_JOB:-1}" = 1 ] && for p in $SUITE_PATHS; do job_scenario "$p"; done
 [ "${SUITE_CRASH:-1}" = 1 ] && for p in $SUITE_PATHS; do crash_scenario "$p"; done
 [ "${SUITE_PCANCEL:-1}" = 1 ] && for p in $SUITE_PATHS; do prepare_cancel_scenario "$p"; done
+[ "${SUITE_PARALLEL:-1}" = 1 ] && parallel_scenario systemd
 failure_scenarios
 [ "$SUITE_MAINT" = 1 ] && maint_scenario
 
