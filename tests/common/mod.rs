@@ -413,8 +413,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The loop-mounted btrfs file system shared by all tests of all test binaries (mounted once, reused;
-/// a leftover mount or image of a crashed run is reused or recreated).
+/// The loop-mounted btrfs file system of this test binary: mounted on first use (or reused when another
+/// test binary running at the same time, or a crashed earlier run, left it mounted; an unusable image is
+/// recreated) and unmounted when the binary exits, unless another test binary still uses it.
 fn btrfs_mount() -> Result<PathBuf, String> {
     static MNT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     MNT.get_or_init(|| {
@@ -425,23 +426,52 @@ fn btrfs_mount() -> Result<PathBuf, String> {
         fs::create_dir_all(&mnt).unwrap();
         let mnt = mnt.canonicalize().unwrap();
         let mounted = |m: &Path| mounts().iter().any(|(p, t)| p == m && t == "btrfs");
-        if mounted(&mnt) {
-            return Ok(mnt);
-        }
         let try_mount = || sh_ok(&["mount", "-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()]);
-        if img.exists() && try_mount() && mounted(&mnt) {
-            return Ok(mnt);
+        if !mounted(&mnt) && !(img.exists() && try_mount() && mounted(&mnt)) {
+            // No image, or an unusable one: make a fresh file system.
+            let _ = fs::remove_file(&img);
+            sh(&["truncate", "-s", "4G", img.to_str().unwrap()]);
+            sh(&["mkfs.btrfs", "-q", "-f", img.to_str().unwrap()]);
+            if !try_mount() || !mounted(&mnt) {
+                return Err(format!("cannot loop-mount {} on {}", img.display(), mnt.display()));
+            }
         }
-        // No image, or an unusable one: make a fresh file system.
-        let _ = fs::remove_file(&img);
-        sh(&["truncate", "-s", "4G", img.to_str().unwrap()]);
-        sh(&["mkfs.btrfs", "-q", "-f", img.to_str().unwrap()]);
-        if !try_mount() || !mounted(&mnt) {
-            return Err(format!("cannot loop-mount {} on {}", img.display(), mnt.display()));
+        // Register as a user (shared lock, held until exit), taken under the mount lock.
+        let users = fs::OpenOptions::new().create(true).write(true).truncate(false).open(base.join(".btrfs.users")).unwrap();
+        use std::os::fd::AsRawFd;
+        assert_eq!(unsafe { libc::flock(users.as_raw_fd(), libc::LOCK_SH) }, 0);
+        if BTRFS_USERS.set((users, mnt.clone())).is_ok() {
+            unsafe { libc::atexit(unmount_btrfs_at_exit) };
         }
         Ok(mnt)
     })
     .clone()
+}
+
+static BTRFS_USERS: OnceLock<(fs::File, PathBuf)> = OnceLock::new();
+
+/// atexit: unmount the btrfs (which frees its loop device) if no other test binary holds it. Must not
+/// panic.
+extern "C" fn unmount_btrfs_at_exit() {
+    use std::os::fd::AsRawFd;
+    let Some((users, mnt)) = BTRFS_USERS.get() else { return };
+    let Some(base) = mnt.parent() else { return };
+    let Ok(lock) = fs::OpenOptions::new().create(true).write(true).truncate(false).open(base.join(".btrfs.lock")) else {
+        return;
+    };
+    unsafe {
+        if libc::flock(lock.as_raw_fd(), libc::LOCK_EX) != 0 {
+            return;
+        }
+        // exclusive only if no other binary holds its shared lock
+        if libc::flock(users.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 {
+            return;
+        }
+    }
+    let ok = Command::new("umount").arg(mnt).stdin(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok {
+        let _ = writeln!(std::io::stderr(), "note: {} stays mounted (still in use)", mnt.display());
+    }
 }
 
 fn plain_base() -> PathBuf {
