@@ -74,7 +74,7 @@ pub struct CleanupStage {
     pub job_id: Option<String>,
 }
 
-/// make DIR/{config,prepare,run,cleanup} symlinks to this binary for config.toml
+/// make the config, prepare, run and cleanup symlinks to this binary in DIR, for config.toml
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "install-links")]
 pub struct InstallLinks {

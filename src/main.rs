@@ -71,6 +71,10 @@ fn dispatch(command: Command) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix tool: output into a closed pipe (`| head`) ends the process quietly instead
+    // of a panic. The run stage is unaffected: job scripts write to gitlab-runner directly.
+    // SAFETY: resetting a signal disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let argv: Vec<String> = std::env::args_os().map(|a: OsString| a.to_string_lossy().into_owned()).collect();
     if argv.first().is_some_and(|a| a.ends_with(admin::CHROOT_EXE_NAME)) {
         init_logging(false, false);

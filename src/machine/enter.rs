@@ -104,6 +104,7 @@ pub fn run_script_in_cgroup(running: &Running, script: &Path, grace: Duration, u
         setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
     }
     let keep_caps = bounding_set(running.leader_pid)?;
+    let machine_root = File::open(format!("/proc/{}/root", running.leader_pid)).context("opening the machine's root")?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
     let signals = crate::signals::stop_set();
@@ -133,7 +134,7 @@ pub fn run_script_in_cgroup(running: &Running, script: &Path, grace: Duration, u
                 // "0" moves the writing process; a failure only loses the limits, not the job.
                 let _ = nix::unistd::write(procs.as_fd(), b"0");
             }
-            enter_machine(&namespaces, keep_caps)
+            enter_machine(&namespaces, &machine_root, keep_caps)
         });
     }
     let child = command.spawn();
@@ -151,13 +152,23 @@ pub fn run_script_in_cgroup(running: &Running, script: &Path, grace: Duration, u
 }
 
 /// In the forked child: join the machine, drop privileges it does not have, get a session.
-fn enter_machine(namespaces: &[(File, CloneFlags)], keep_caps: u64) -> std::io::Result<()> {
-    use std::os::fd::AsFd;
+fn enter_machine(namespaces: &[(File, CloneFlags)], machine_root: &File, keep_caps: u64) -> std::io::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
     SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
     for (file, flag) in namespaces {
         setns(file.as_fd(), *flag).map_err(std::io::Error::from)?;
     }
+    // Joining a mount namespace puts us at the namespace's root, which is not the machine's
+    // root when nspawn had to stack it elsewhere (e.g. the host itself runs in a chroot).
+    // Go to the root the machine's init sees, and make sure that is where we are.
+    nix::unistd::fchdir(machine_root.as_raw_fd()).map_err(std::io::Error::from)?;
+    nix::unistd::chroot(".").map_err(std::io::Error::from)?;
     nix::unistd::chdir("/").map_err(std::io::Error::from)?;
+    let expected = nix::sys::stat::fstat(machine_root.as_raw_fd()).map_err(std::io::Error::from)?;
+    let actual = nix::sys::stat::stat("/").map_err(std::io::Error::from)?;
+    if (expected.st_dev, expected.st_ino) != (actual.st_dev, actual.st_ino) {
+        return Err(std::io::Error::other("could not enter the machine's root directory"));
+    }
     for cap in 0..64u64 {
         if keep_caps & (1 << cap) == 0 {
             // EINVAL for capabilities this kernel does not know: nothing to drop.
