@@ -73,14 +73,8 @@ fn hostile_image_names(kind: StoreKind) {
 fn empty_image_means_default(kind: StoreKind) {
     let Some(env) = TestEnv::new(kind, "emptyimg") else { return };
     // NSPAWN_RUNNER_DEFAULT_IMAGE=bookworm in the fixture; an empty CI_JOB_IMAGE maps to it
-    let job = env.job().with_image("");
-    job.config().assert_ok();
-    job.prepare().assert_ok();
-    let out = job.run("build_script", &job.get_sources_body("grep -q bookworm /etc/os-release && echo default-image-ok"));
-    out.assert_ok();
+    let out = env.job().with_image("").run_whole_job("grep -q bookworm /etc/os-release && echo default-image-ok");
     assert!(out.stdout.contains("default-image-ok"), "{}", out.describe());
-    job.cleanup().assert_ok();
-    assert_nothing_left(&env, &job.id);
     // and with the default image missing, the error is a clean system failure
     env.set("NSPAWN_RUNNER_DEFAULT_IMAGE", "nonexistent-default");
     let job = env.job().with_image("");
@@ -133,14 +127,8 @@ fn longest_valid_job_id(kind: StoreKind) {
     while id.len() < 48 {
         id.push('Z');
     }
-    let job = Job::new(&env, &id);
-    job.config().assert_ok();
-    job.prepare().assert_ok();
-    let out = job.run("build_script", &job.get_sources_body("echo \"id=$CI_JOB_ID\""));
-    out.assert_ok();
+    let out = Job::new(&env, &id).run_whole_job("echo \"id=$CI_JOB_ID\"");
     assert!(out.stdout.contains(&format!("id={id}")), "{}", out.describe());
-    job.cleanup().assert_ok();
-    assert_nothing_left(&env, &id);
 }
 
 /// `current` that dangles, points outside ROOT/NAME (relative, absolute, through a symlinked snapshot
@@ -196,12 +184,7 @@ fn hostile_current_links(kind: StoreKind) {
     // put everything back: the same store boots again (proves the refusals above were about the links)
     fs::rename(&outside, img.join(&snap)).unwrap();
     set_current(&snap);
-    let job = env.job();
-    job.config().assert_ok();
-    job.prepare().assert_ok();
-    job.run("build_script", &job.get_sources_body("true")).assert_ok();
-    job.cleanup().assert_ok();
-    assert_nothing_left(&env, &job.id);
+    env.job().run_whole_job("true");
 }
 
 /// Admin commands with names that try to leave the store: refused, nothing changed. (Targets stay below

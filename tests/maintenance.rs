@@ -94,13 +94,7 @@ fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: 
 
 /// prepare + run + cleanup of one job; returns what /etc/marker says inside the machine.
 fn boot_and_read_marker(env: &TestEnv) -> String {
-    let job = env.job();
-    job.config().assert_ok();
-    job.prepare().assert_ok();
-    let out = job.run("build_script", &job.get_sources_body("echo \"marker=$(cat /etc/marker 2>/dev/null || echo none)\""));
-    out.assert_ok();
-    job.cleanup().assert_ok();
-    assert_nothing_left(env, &job.id);
+    let out = env.job().run_whole_job("echo \"marker=$(cat /etc/marker 2>/dev/null || echo none)\"");
     out.stdout
         .lines()
         .find_map(|l| l.strip_prefix("marker="))

@@ -1000,6 +1000,19 @@ impl<'a> Job<'a> {
 }
 
 impl Job<'_> {
+    /// A whole short job: config, prepare, one build_script running `cmds` in a fresh project dir,
+    /// cleanup, then assert_nothing_left. Returns the build_script's output (which succeeded).
+    #[track_caller]
+    pub fn run_whole_job(&self, cmds: &str) -> Out {
+        self.config().assert_ok();
+        self.prepare().assert_ok();
+        let out = self.run("build_script", &self.get_sources_body(cmds));
+        out.assert_ok();
+        self.cleanup().assert_ok();
+        assert_nothing_left(self.env, &self.id);
+        out
+    }
+
     /// Best-effort cleanup while a test panics (must not panic itself, or the test binary aborts).
     fn cleanup_after_panic(&self) {
         let r = spawn(&format!("cleanup after panic (job {})", self.id), &mut self.stage_cmd("cleanup", true))
