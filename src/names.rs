@@ -70,7 +70,7 @@ impl JobId {
             && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
         if !valid {
             return Err(Error::new(format!(
-                "invalid job id {id:?}: use 1 to {MAX_JOB_ID} characters of A-Z a-z 0-9 -"
+                "invalid job id {id:?}: use 1 to {MAX_JOB_ID} characters of A-Z a-z 0-9 -, not starting with -"
             )));
         }
         Ok(JobId(id.to_owned()))
