@@ -120,7 +120,8 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Short: a machine usually goes within milliseconds, and cleanup's time is the job's.
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
