@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -82,18 +81,10 @@ pub fn sh_quiet(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-/// An exclusive flock (the protocol tests/common uses for target/nspawn-runner-test/).
-pub struct FileLock(fs::File);
-
-impl FileLock {
-    pub fn exclusive(path: &Path) -> FileLock {
-        let f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path).unwrap();
-        // SAFETY: a valid open fd.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(r, 0, "flock {}", path.display());
-        FileLock(f)
-    }
-}
+/// The same lock protocol as tests/common, for target/nspawn-runner-test/.
+#[path = "../../tests/common/flock.rs"]
+mod flock;
+pub use flock::FileLock;
 
 /// The bookworm minbase(+systemd,dbus) tarball: the tests' one if present, else made once with
 /// mmdebstrap under target/bench/.

@@ -68,17 +68,8 @@ fn have_cmd(name: &str) -> bool {
 // ---------------------------------------------------------------------------------------------------
 // file locks (several test binaries may run at once)
 
-pub struct FileLock(fs::File);
-
-impl FileLock {
-    pub fn exclusive(path: &Path) -> FileLock {
-        let f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path).unwrap();
-        use std::os::fd::AsRawFd;
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(r, 0, "flock {}", path.display());
-        FileLock(f)
-    }
-}
+mod flock;
+pub use flock::FileLock;
 
 // ---------------------------------------------------------------------------------------------------
 // processes we start
