@@ -11,6 +11,7 @@ use crate::settings::Settings;
 use crate::store::gc::{self, InUse};
 use crate::store::transaction::{Base, Transaction};
 use crate::store::{Entry, Image, Store};
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -150,16 +151,19 @@ fn extract_tar(archive: &Path, tree: &Path) -> Result<()> {
 }
 
 /// How a snapshot stands, for `image list`.
-fn snapshot_role(snapshot: &SnapshotName, current: Option<&SnapshotName>, kept: &[SnapshotName], leases: &[(String, String)]) -> String {
-    let name = snapshot.to_string();
+fn snapshot_role(
+    snapshot: &SnapshotName,
+    current: Option<&SnapshotName>,
+    kept: &[&SnapshotName],
+    leases: &HashMap<String, Vec<String>>,
+) -> String {
     let mut roles = Vec::new();
     if Some(snapshot) == current {
         roles.push("current".to_owned());
-    } else if kept.contains(snapshot) {
+    } else if kept.contains(&snapshot) {
         roles.push("kept".to_owned());
     }
-    let jobs: Vec<&str> = leases.iter().filter(|(s, _)| *s == name).map(|(_, j)| j.as_str()).collect();
-    if !jobs.is_empty() {
+    if let Some(jobs) = leases.get(&snapshot.to_string()) {
         roles.push(format!("leased by job {}", jobs.join(",")));
     }
     if roles.is_empty() {
@@ -187,15 +191,12 @@ fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
         };
         println!("{name}: current {current_label}");
         let current = current.ok();
-        let leases: Vec<(String, String)> = states
-            .iter()
-            .filter(|(s, busy)| s.store == store.root() && s.image == name.as_str() && s.is_live(*busy))
-            .map(|(s, _)| (s.snapshot.clone(), s.job_id.clone()))
-            .collect();
+        let leases = InUse::from_states(&image, &states).leased;
         let snapshots = image.snapshots()?;
-        let mut others: Vec<SnapshotName> = snapshots.iter().filter(|s| Some(*s) != current.as_ref()).cloned().collect();
-        others.sort();
-        let kept: Vec<SnapshotName> = others.iter().rev().take(settings.keep).cloned().collect();
+        let kept = match &current {
+            Some(current) => gc::split_previous(&snapshots, current, settings.keep).1,
+            None => Vec::new(),
+        };
         for snapshot in &snapshots {
             let age = now.saturating_sub(snapshot.time());
             println!(
@@ -267,7 +268,7 @@ fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Resu
 
 /// gc of one image after a commit.
 pub fn collect(settings: &Settings, image: &Image) -> Result<()> {
-    let deleted = gc::collect_image(image, &StateDir::new(settings), settings.keep, None)?;
+    let deleted = gc::collect_image(image, &StateDir::new(settings), settings.keep)?;
     for name in deleted {
         println!("image {}: deleted {name}", image.name());
     }
@@ -372,11 +373,12 @@ mod tests {
     #[test]
     fn snapshot_roles_for_image_list() {
         let s = |t| SnapshotName::new(t, 1);
-        let leases = vec![("10_1".to_owned(), "77".to_owned())];
-        assert_eq!(snapshot_role(&s(30), Some(&s(30)), &[s(20)], &leases), "current");
-        assert_eq!(snapshot_role(&s(20), Some(&s(30)), &[s(20)], &leases), "kept");
-        assert_eq!(snapshot_role(&s(10), Some(&s(30)), &[s(20)], &leases), "leased by job 77");
-        assert_eq!(snapshot_role(&s(5), Some(&s(30)), &[s(20)], &leases), "unused (gc deletes it)");
+        let leases = [("10_1".to_owned(), vec!["77".to_owned()])].into();
+        let kept = s(20);
+        assert_eq!(snapshot_role(&s(30), Some(&s(30)), &[&kept], &leases), "current");
+        assert_eq!(snapshot_role(&s(20), Some(&s(30)), &[&kept], &leases), "kept");
+        assert_eq!(snapshot_role(&s(10), Some(&s(30)), &[&kept], &leases), "leased by job 77");
+        assert_eq!(snapshot_role(&s(5), Some(&s(30)), &[&kept], &leases), "unused (gc deletes it)");
     }
 
     #[test]

@@ -63,13 +63,6 @@ fn bounding_set(leader: i32) -> Result<u64> {
         .ok_or_else(|| Error::new("no CapBnd in machine init status"))
 }
 
-/// Runs `script` with bash as root inside the machine of `running`, in a clean environment,
-/// with our stdout/stderr. On SIGTERM/SIGINT/SIGHUP the script's process group gets SIGTERM,
-/// then SIGKILL after `grace`.
-pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
-    run_script_in_cgroup(running, script, grace, None)
-}
-
 /// Sub-cgroup of a machine's unit that entered scripts join (cgroup v2 only).
 const JOB_CGROUP: &str = "nspawn-runner-job";
 
@@ -90,10 +83,13 @@ fn open_job_cgroup(unit_cgroup: &str) -> Option<File> {
     std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")).ok()
 }
 
-/// Like `run_script`, and the script joins a cgroup below `unit_cgroup` (the machine's unit)
-/// so the unit's resource limits bind it.
-pub fn run_script_in_cgroup(running: &Running, script: &Path, grace: Duration, unit_cgroup: Option<&str>) -> Result<ScriptOutcome> {
-    let cgroup_procs = unit_cgroup.and_then(open_job_cgroup);
+/// Runs `script` with bash as root inside the machine of `running`, in a clean environment,
+/// with our stdout/stderr, on either kind of host. Where the machine is a systemd unit, the
+/// script joins a cgroup below the unit's, so the unit's limits (MemoryMax, TasksMax,
+/// CPUWeight) bind it like every other process of the machine. On SIGTERM/SIGINT/SIGHUP the
+/// script's process group gets SIGTERM, then SIGKILL after `grace`.
+pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
+    let cgroup_procs = running.cgroup.as_deref().and_then(open_job_cgroup);
     let script_file = File::open(script).with_context(|| format!("opening script {}", script.display()))?;
     let mut namespaces = open_namespaces(running.leader_pid)?;
     // A pid namespace applies to the children of whoever joins it: join it here, so the forked

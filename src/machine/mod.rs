@@ -14,7 +14,7 @@ use state::{JobState, Running};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use enter::ScriptOutcome;
+pub use enter::{run_script, ScriptOutcome};
 
 /// Everything needed to boot one job's machine.
 #[derive(Debug, Clone)]
@@ -44,8 +44,6 @@ pub trait Host {
     fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
     /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
     fn stop(&self, state: &JobState, timeout: Duration) -> Result<()>;
-    /// Runs `script` with bash inside the machine; stdout/stderr go to ours.
-    fn run_script(&self, state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome>;
 }
 
 /// True when PID 1 is systemd (the same test as sd_booted(3)).
@@ -146,6 +144,7 @@ fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Res
         leader_pid,
         leader_start_time: start(leader_pid)?,
         ephemeral,
+        cgroup: None,
     })
 }
 

@@ -2,7 +2,7 @@
 
 use super::notify::NotifySocket;
 use super::state::{JobState, Running};
-use super::{describe_running, enter, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
+use super::{describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, SAFE_PATH};
 use crate::error::{Context, Error, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -94,10 +94,6 @@ impl Host for PlainHost {
             Err(Error::new(format!("machine {} survived SIGKILL", state.machine)))
         }
     }
-
-    fn run_script(&self, _state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
-        enter::run_script(running, script, grace)
-    }
 }
 
 /// Ends a machine that is still booting without leaving its ephemeral copy behind: its init
@@ -120,12 +116,10 @@ fn abort_boot(child: &mut Child, spec: &MachineSpec) {
         let _ = child.wait();
     }
     if let Some(copy) = copy.filter(|c| c.exists()) {
-        let removed = crate::store::backend::detect(&spec.tree).and_then(|backend| backend.delete(&copy));
+        let removed = crate::store::backend::detect(&spec.tree)
+            .and_then(|backend| crate::store::delete_ephemeral_copy(backend.as_ref(), &copy));
         if let Err(e) = removed {
             log::warn!("cannot remove {} (gc will): {e}", copy.display());
-        }
-        if let Some(lock) = crate::store::nspawn_lock_path(&copy) {
-            let _ = crate::store::remove_if_present(&lock);
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct Running {
     pub leader_start_time: u64,
     /// nspawn's `--ephemeral` copy of the snapshot, if any; removed if nspawn could not.
     pub ephemeral: Option<PathBuf>,
+    /// The machine unit's cgroup (systemd hosts), which entered scripts join.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 impl Running {
@@ -198,6 +201,7 @@ mod tests {
                 leader_pid: 11,
                 leader_start_time: 2,
                 ephemeral: None,
+                cgroup: Some("/machine.slice/nspawn-runner-run-42.service".into()),
             }),
         };
         let json = serde_json::to_string(&state).unwrap();

@@ -2,10 +2,9 @@
 //! registered with machined, so limits apply and `machinectl list` shows it.
 
 use super::state::{JobState, Running};
-use super::{describe_running, enter, first_child, nspawn_args, unit_name, wait_until, Host, MachineSpec, ScriptOutcome, SAFE_PATH};
+use super::{describe_running, first_child, nspawn_args, unit_name, wait_until, Host, MachineSpec, SAFE_PATH};
 use crate::error::{Context, Error, Result};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -71,7 +70,10 @@ impl Host for SystemdHost {
                 .map_err(|_| Error::new(format!("unit {unit} has no main process")))?;
             let leader_pid = first_child(nspawn_pid)
                 .ok_or_else(|| Error::new(format!("machine {} has no init process", spec.machine)))?;
-            describe_running(nspawn_pid, leader_pid, spec)
+            let mut running = describe_running(nspawn_pid, leader_pid, spec)?;
+            // Looked up once here rather than by every run stage (a systemctl call each).
+            running.cgroup = unit_property(&unit, "ControlGroup").ok().filter(|c| !c.is_empty());
+            Ok(running)
         })();
         match started {
             Ok(running) => Ok((running, Some(unit))),
@@ -93,13 +95,6 @@ impl Host for SystemdHost {
         }
     }
 
-    fn run_script(&self, state: &JobState, running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
-        // The script joins the machine's unit cgroup, so the unit's limits (MemoryMax, TasksMax,
-        // CPUWeight) bind it like every other process of the machine.
-        let unit = state.unit.clone().unwrap_or_else(|| unit_name(&state.machine));
-        let cgroup = unit_property(&unit, "ControlGroup").ok().filter(|c| !c.is_empty());
-        enter::run_script_in_cgroup(running, script, grace, cgroup.as_deref())
-    }
 }
 
 /// Stops the unit (systemd escalates to SIGKILL after the unit's stop timeout); fine if absent.

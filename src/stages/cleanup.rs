@@ -7,7 +7,7 @@ use crate::machine::state::JobState;
 use crate::machine::Host;
 use crate::machine;
 use crate::store::backend;
-use crate::store::{nspawn_lock_path, remove_if_present};
+use crate::store::delete_ephemeral_copy;
 
 /// Cleans up the job; a job that never started or is already gone is fine.
 pub fn cleanup(ctx: &JobContext) -> Result<()> {
@@ -15,10 +15,10 @@ pub fn cleanup(ctx: &JobContext) -> Result<()> {
         return Ok(());
     }
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
-    if let Some(state) = ctx.states.load(&ctx.job)? {
-        clean_job(ctx, machine::host(&ctx.settings).as_ref(), &state)?;
+    match ctx.states.load(&ctx.job)? {
+        Some(state) => clean_job(ctx, machine::host(&ctx.settings).as_ref(), &state)?,
+        None => ctx.states.remove(&ctx.job)?,
     }
-    ctx.states.remove(&ctx.job)?;
     ctx.states.remove_lock(&ctx.job)
 }
 
@@ -29,18 +29,17 @@ pub fn clean_job(ctx: &JobContext, host: &dyn Host, state: &JobState) -> Result<
     // nspawn removes its ephemeral copy when it exits normally; not when it was killed.
     let ephemeral = state.running.as_ref().and_then(|r| r.ephemeral.as_ref());
     let leftovers: Vec<&PathBuf> = ephemeral.into_iter().chain(state.job_dir.as_ref()).collect();
+    if let Some(path) = leftovers.iter().find(|p| !is_inside(&state.store, p)) {
+        return Err(Error::new(format!("refusing to delete {}: not inside the store", path.display())));
+    }
     if !leftovers.is_empty() {
         let store_backend = backend::detect(&state.store)?;
-        for path in leftovers {
-            if !is_inside(&state.store, path) {
-                return Err(Error::new(format!("refusing to delete {}: not inside the store", path.display())));
-            }
-            store_backend.delete(path)?;
+        if let Some(copy) = ephemeral {
+            delete_ephemeral_copy(store_backend.as_ref(), copy)?;
         }
-    }
-    if let Some(lock) = ephemeral.and_then(|e| nspawn_lock_path(e)) {
-        // A killed nspawn also leaves the lock file of its copy behind.
-        remove_if_present(&lock)?;
+        if let Some(job_dir) = &state.job_dir {
+            store_backend.delete(job_dir)?;
+        }
     }
     ctx.states.remove(&ctx.job)
 }

@@ -1,19 +1,18 @@
 //! Garbage collection: old snapshots no job needs, leftovers of crashed transactions and jobs.
 
-use super::{Entry, Image, Store, PENDING_PREFIX};
+use super::{delete_ephemeral_copy, Entry, Image, Store, PENDING_PREFIX};
 use crate::error::Result;
 use crate::lock::{Lock, Mode};
 use crate::machine::state::{JobState, StateDir};
 use crate::names::SnapshotName;
-use log::{info, warn};
-use std::collections::HashSet;
-use std::path::PathBuf;
+use log::warn;
+use std::collections::{HashMap, HashSet};
 
 /// What gc must not delete in one image.
 #[derive(Debug, Default)]
 pub struct InUse {
-    /// Snapshots leased by live jobs.
-    pub leased: HashSet<String>,
+    /// Snapshots leased by live jobs, with the ids of those jobs.
+    pub leased: HashMap<String, Vec<String>>,
     /// nspawn ephemeral copies (entry names) belonging to running machines.
     pub ephemeral: HashSet<String>,
     /// A live job has not recorded its ephemeral copy yet: keep every ephemeral entry.
@@ -30,7 +29,7 @@ impl InUse {
             if state.store != image.store().root() || state.image != image.name().as_str() || !state.is_live(*busy) {
                 continue;
             }
-            in_use.leased.insert(state.snapshot.clone());
+            in_use.leased.entry(state.snapshot.clone()).or_default().push(state.job_id.clone());
             match state.running.as_ref().and_then(|r| r.ephemeral.as_ref()) {
                 Some(path) => {
                     if let Some(name) = path.file_name() {
@@ -44,23 +43,32 @@ impl InUse {
     }
 }
 
+/// Splits the snapshots other than `current` into those beyond the `keep` newest (oldest
+/// first) and the `keep` newest, which gc keeps for rollback.
+pub fn split_previous<'a>(
+    snapshots: impl IntoIterator<Item = &'a SnapshotName>,
+    current: &SnapshotName,
+    keep: usize,
+) -> (Vec<&'a SnapshotName>, Vec<&'a SnapshotName>) {
+    let mut others: Vec<&SnapshotName> = snapshots.into_iter().filter(|s| *s != current).collect();
+    others.sort();
+    let kept = others.split_off(others.len().saturating_sub(keep));
+    (others, kept)
+}
+
 /// Decides which entries of an image directory to delete. Pure, so it is unit-tested.
 /// `current` is `None` when the link is broken: then no snapshot is deleted at all.
 pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, keep: usize) -> Vec<String> {
     let mut doomed = Vec::new();
     if let Some(current) = current {
-        let mut others: Vec<&SnapshotName> = entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Snapshot(s) if s != current => Some(s),
-                _ => None,
-            })
-            .collect();
-        others.sort();
-        let deletable = others.len().saturating_sub(keep);
-        for snapshot in &others[..deletable] {
+        let snapshots = entries.iter().filter_map(|e| match e {
+            Entry::Snapshot(s) => Some(s),
+            _ => None,
+        });
+        let (beyond_keep, _kept) = split_previous(snapshots, current, keep);
+        for snapshot in beyond_keep {
             let name = snapshot.to_string();
-            if !in_use.leased.contains(&name) {
+            if !in_use.leased.contains_key(&name) {
                 doomed.push(name);
             }
         }
@@ -79,12 +87,9 @@ pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, k
     doomed
 }
 
-/// Runs gc on one image. The caller may already hold the image's transaction lock.
-pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize, transaction_lock: Option<&Lock>) -> Result<Vec<String>> {
-    let _own_lock = match transaction_lock {
-        Some(_) => None,
-        None => Some(image.lock_transactions()?),
-    };
+/// Runs gc on one image, under its transaction lock; returns the names it deleted.
+pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize) -> Result<Vec<String>> {
+    let _transactions = image.lock_transactions()?;
     let mut moved = Vec::new();
     {
         // Under the pin lock no job can pin a snapshot we are about to delete. Victims are only
@@ -122,10 +127,7 @@ pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize, transacti
             std::fs::remove_file(&path).map_err(Into::into)
         };
         match result {
-            Ok(()) => {
-                info!("gc: image {}: deleted {name}", image.name());
-                deleted.push(name);
-            }
+            Ok(()) => deleted.push(name),
             Err(e) => warn!("gc: image {}: cannot delete {name}: {e}", image.name()),
         }
     }
@@ -149,10 +151,11 @@ pub fn reap_jobs(store: &Store, state_dir: &StateDir) -> Result<Vec<String>> {
         let Ok(job) = crate::names::JobId::parse(&state.job_id) else { continue };
         // Lock it so a prepare or cleanup of the same job cannot start meanwhile.
         let Ok(Some(_lock)) = state_dir.try_lock_job(&job) else { continue };
-        let mut leftovers: Vec<PathBuf> = state.job_dir.iter().cloned().collect();
-        leftovers.extend(state.running.as_ref().and_then(|r| r.ephemeral.clone()));
-        for path in leftovers {
-            store.backend().delete(&path)?;
+        if let Some(job_dir) = &state.job_dir {
+            store.backend().delete(job_dir)?;
+        }
+        if let Some(copy) = state.running.as_ref().and_then(|r| r.ephemeral.as_ref()) {
+            delete_ephemeral_copy(store.backend(), copy)?;
         }
         state_dir.remove(&job)?;
         state_dir.remove_lock(&job)?;
@@ -198,7 +201,7 @@ mod tests {
     #[test]
     fn leased_snapshots_survive() {
         let e = entries(&[10, 20, 30], &[]);
-        let in_use = InUse { leased: ["10_1".to_string()].into(), ..Default::default() };
+        let in_use = InUse { leased: [("10_1".to_string(), vec!["7".to_string()])].into(), ..Default::default() };
         assert!(plan(&e, Some(&snap(30)), &in_use, 1).is_empty());
         assert_eq!(plan(&e, Some(&snap(30)), &in_use, 0), ["20_1"]);
     }

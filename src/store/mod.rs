@@ -302,6 +302,16 @@ pub fn nspawn_lock_path(path: &Path) -> Option<PathBuf> {
     Some(path.with_file_name(format!(".#{name}.lck")))
 }
 
+/// Deletes a leftover nspawn ephemeral copy and the lock file nspawn keeps beside it (both stay
+/// behind when nspawn is killed).
+pub fn delete_ephemeral_copy(backend: &dyn Backend, copy: &Path) -> Result<()> {
+    backend.delete(copy)?;
+    match nspawn_lock_path(copy) {
+        Some(lock) => remove_if_present(&lock),
+        None => Ok(()),
+    }
+}
+
 /// Removes a file; one that is already gone is fine.
 pub fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
