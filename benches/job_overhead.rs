@@ -97,9 +97,8 @@ fn main() {
             let tar = bookworm_tar();
             let env = setup_env(&work);
             *env_cell.lock().unwrap() = Some((env.links.clone(), env.state.clone(), env.cache.clone()));
-            let (stores, setup_time) = timed(|| {
-                vec![setup_store(&env, &work, true, &tar), setup_store(&env, &work, false, &tar)]
-            });
+            let (stores, setup_time) =
+                timed(|| vec![setup_store(&env, &work, true, &tar), setup_store(&env, &work, false, &tar)]);
             println!(
                 "setup: imported {} into a btrfs and a plain store in {} ({} jobs per store, {} stages each)",
                 tar.display(),
@@ -133,7 +132,12 @@ fn main() {
             for (store, r) in stores.iter().zip(&results) {
                 report(store, r);
             }
-            println!("\njob_overhead: {} jobs x {} stores, bench took {} in all", jobs, stores.len(), fmt(started.elapsed()));
+            println!(
+                "\njob_overhead: {} jobs x {} stores, bench took {} in all",
+                jobs,
+                stores.len(),
+                fmt(started.elapsed())
+            );
         }),
         move || teardown(&work_for_teardown, &floor_for_teardown, &ours_for_teardown, &env_for_teardown),
     );
@@ -377,7 +381,12 @@ fn report(store: &Store, r: &Results) {
         format!("{}..{}", fmt(*v.iter().min().unwrap()), fmt(*v.iter().max().unwrap()))
     };
     let stage_overhead_ms = ms(stage.0) - ms(stage.1);
-    println!("\n== {} store: {} jobs, medians (stage: median of {} calls) ==", store.kind, r.ours.len(), r.ours.len() * STAGES.len());
+    println!(
+        "\n== {} store: {} jobs, medians (stage: median of {} calls) ==",
+        store.kind,
+        r.ours.len(),
+        r.ours.len() * STAGES.len()
+    );
     println!("{:<22} {:>12} {:>12} {:>12} {:>8}", "", "nspawn-runner", "floor", "ours-floor", "ratio");
     let row = |label: &str, (a, b): (Duration, Duration)| {
         println!("{:<22} {:>12} {:>12} {:>+9.1} ms {:>7.2}x", label, fmt(a), fmt(b), ms(a) - ms(b), ratio(a, b));
@@ -387,11 +396,7 @@ fn report(store: &Store, r: &Results) {
     row("run (per stage)", stage);
     row("cleanup", cleanup);
     row("whole job", whole);
-    println!(
-        "  whole job range: ours {}, floor {}",
-        spread(&r.ours, &|j| j.whole),
-        spread(&r.floor, &|j| j.whole)
-    );
+    println!("  whole job range: ours {}, floor {}", spread(&r.ours, &|j| j.whole), spread(&r.floor, &|j| j.whole));
     let whole_ratio = ratio(whole.0, whole.1);
     println!(
         "  target whole job <= 1.2x floor: {:.2}x {}   target per-stage overhead < 15 ms: {:+.1} ms {}",

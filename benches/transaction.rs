@@ -56,7 +56,8 @@ struct Counts {
 
 fn main() {
     require_root("transaction");
-    let var = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default).max(1);
+    let var =
+        |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default).max(1);
     let runs = var("BENCH_RUNS", 5);
     let slow = var("BENCH_SLOW_RUNS", 1);
     // [store][image]: btrfs small, btrfs large, plain small, plain large.
@@ -177,7 +178,15 @@ fn make_large_tree(dir: &Path, tar: &Path) -> PathBuf {
     fs::create_dir_all(&tree).unwrap();
     let extract = |dir: &Path| {
         fs::create_dir_all(dir).unwrap();
-        sh(&["tar", "--extract", "--numeric-owner", "--file", tar.to_str().unwrap(), "--directory", dir.to_str().unwrap()]);
+        sh(&[
+            "tar",
+            "--extract",
+            "--numeric-owner",
+            "--file",
+            tar.to_str().unwrap(),
+            "--directory",
+            dir.to_str().unwrap(),
+        ]);
     };
     extract(&tree);
     for n in 1..=BALLAST_COPIES {
@@ -213,7 +222,11 @@ fn snapshots(store: &Store, image: &str) -> Vec<String> {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.split_once('_').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit())))
+        .filter(|n| {
+            n.split_once('_').is_some_and(|(a, b)| {
+                !a.is_empty() && !b.is_empty() && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit())
+            })
+        })
         .collect()
 }
 
@@ -269,7 +282,8 @@ fn copy_reference(store: &Store, image: &str, f: &mut Figures) {
 fn raw_btrfs(store: &Store, image: &str, f: &mut Figures) {
     let dest = store.scratch.join(format!("{image}-raw"));
     let tree = current(store, image);
-    let (_, snapshot) = timed(|| sh(&["btrfs", "-q", "subvolume", "snapshot", tree.to_str().unwrap(), dest.to_str().unwrap()]));
+    let (_, snapshot) =
+        timed(|| sh(&["btrfs", "-q", "subvolume", "snapshot", tree.to_str().unwrap(), dest.to_str().unwrap()]));
     let (_, sync) = timed(|| sh(&["sync", "-f", dest.to_str().unwrap()]));
     let (_, delete) = timed(|| sh(&["btrfs", "-q", "subvolume", "delete", dest.to_str().unwrap()]));
     f.raw.push(snapshot + sync + delete);
@@ -284,7 +298,8 @@ fn tree_size(tree: &Path) -> (u64, u64) {
     let out = sh(&["du", "-sxm", tree.to_str().unwrap()]);
     let mib = String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
     let out = sh(&["du", "-sx", "--inodes", tree.to_str().unwrap()]);
-    let inodes = String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let inodes =
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
     (mib, inodes)
 }
 

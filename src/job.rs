@@ -61,10 +61,8 @@ fn default_system_failure() -> i32 {
 impl ExitCodes {
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
         // A malformed value must not hide the real error: fall back to gitlab-runner's defaults.
-        envy::from_iter(vars).unwrap_or(ExitCodes {
-            build_failure: default_build_failure(),
-            system_failure: default_system_failure(),
-        })
+        envy::from_iter(vars)
+            .unwrap_or(ExitCodes { build_failure: default_build_failure(), system_failure: default_system_failure() })
     }
 }
 

@@ -39,7 +39,13 @@ fn effective_args(argv: Vec<String>) -> Vec<String> {
 
 fn init_logging(verbose: bool, stage: bool) {
     // Stages keep the job log clean: only warnings unless asked otherwise.
-    let default = if verbose { "debug" } else if stage { "warn" } else { "info" };
+    let default = if verbose {
+        "debug"
+    } else if stage {
+        "warn"
+    } else {
+        "info"
+    };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("NSPAWN_RUNNER_LOG", default))
         .format(|out, record| {
             use std::io::Write;
@@ -133,11 +139,15 @@ mod tests {
 
     #[test]
     fn stage_symlinks_become_subcommands() {
-        assert_eq!(effective_args(args(&["/usr/lib/nspawn-runner/run", "/tmp/s", "build_script"])),
-                   args(&["nspawn-runner", "run", "/tmp/s", "build_script"]));
+        assert_eq!(
+            effective_args(args(&["/usr/lib/nspawn-runner/run", "/tmp/s", "build_script"])),
+            args(&["nspawn-runner", "run", "/tmp/s", "build_script"])
+        );
         assert_eq!(effective_args(args(&["prepare"])), args(&["nspawn-runner", "prepare"]));
-        assert_eq!(effective_args(args(&["./cleanup", "--job-id", "5"])),
-                   args(&["nspawn-runner", "cleanup", "--job-id", "5"]));
+        assert_eq!(
+            effective_args(args(&["./cleanup", "--job-id", "5"])),
+            args(&["nspawn-runner", "cleanup", "--job-id", "5"])
+        );
     }
 
     #[test]

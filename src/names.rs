@@ -14,9 +14,7 @@ pub struct ImageName(String);
 
 impl ImageName {
     pub fn parse(name: &str) -> Result<Self> {
-        let valid_chars = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+        let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
         if name.is_empty() || name.len() > MAX_IMAGE_NAME || name.starts_with('.') || !valid_chars {
             return Err(Error::new(format!(
                 "invalid image name {name:?}: use 1 to {MAX_IMAGE_NAME} characters of A-Z a-z 0-9 . _ + -, not starting with '.'"
@@ -107,10 +105,7 @@ impl SnapshotName {
 
     /// A name for a snapshot made now by this process.
     pub fn now() -> Self {
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         SnapshotName::new(time, std::process::id())
     }
 
@@ -121,10 +116,7 @@ impl SnapshotName {
         if !digits(time) || !digits(pid) {
             return Err(invalid());
         }
-        Ok(SnapshotName {
-            time: time.parse().map_err(|_| invalid())?,
-            pid: pid.parse().map_err(|_| invalid())?,
-        })
+        Ok(SnapshotName { time: time.parse().map_err(|_| invalid())?, pid: pid.parse().map_err(|_| invalid())? })
     }
 
     /// Seconds since the epoch when the snapshot was started.

@@ -76,10 +76,7 @@ fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: 
     let others = snaps.iter().filter(|s| **s != cur && !leased.contains(&s.as_str())).count();
     assert!(others <= keep, "gc kept {others} old snapshots with KEEP={keep}: {snaps:?} (current {cur})");
     for s in &snaps {
-        assert!(
-            env.image_dir(IMAGE).join(s).join("usr/lib/systemd/systemd").exists(),
-            "snapshot {s} is incomplete"
-        );
+        assert!(env.image_dir(IMAGE).join(s).join("usr/lib/systemd/systemd").exists(), "snapshot {s} is incomplete");
     }
     if env.kind == StoreKind::Btrfs {
         let mut subs = subvolumes_below(env, &env.image_dir(IMAGE));
@@ -199,7 +196,11 @@ fn rollback_and_list(kind: StoreKind) {
     list.assert_ok();
     assert!(list_line(&list.stdout, &s2).contains("current"), "{}", list.describe());
     assert!(!list_line(&list.stdout, &s1).contains("current"), "{}", list.describe());
-    assert!(list_line(&list.stdout, &s1).contains("kept") || list_line(&list.stdout, &s1).contains("keep"), "{}", list.describe());
+    assert!(
+        list_line(&list.stdout, &s1).contains("kept") || list_line(&list.stdout, &s1).contains("keep"),
+        "{}",
+        list.describe()
+    );
     let all = env.admin(&["image", "list"]);
     all.assert_ok();
     assert!(all.stdout.contains(IMAGE), "{}", all.describe());
@@ -212,8 +213,21 @@ fn rollback_and_list(kind: StoreKind) {
     let sibling = format!("../{IMAGE}/{s1}");
     let before = tree(&env.store_dir);
     for t in [
-        "../../etc", "..", ".", "/", "", "current", ".lock", ".tx-88_88", "77_77", "99_99", ".#machine.x", "1_1/../..",
-        traversal.as_str(), sibling.as_str(), "x\ny",
+        "../../etc",
+        "..",
+        ".",
+        "/",
+        "",
+        "current",
+        ".lock",
+        ".tx-88_88",
+        "77_77",
+        "99_99",
+        ".#machine.x",
+        "1_1/../..",
+        traversal.as_str(),
+        sibling.as_str(),
+        "x\ny",
     ] {
         let out = env.admin(&["image", "rollback", IMAGE, t]);
         assert!(out.code.is_some() && out.code != Some(0), "rollback to {t:?} must be refused\n{}", out.describe());
@@ -248,11 +262,22 @@ fn lock_contention(kind: StoreKind) {
     // Never interleaved, never a lost update.
     let m1 = spawn(
         "maintain m1",
-        &mut env.admin_cmd(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo m1-start >> /etc/log; sleep 4; echo m1-end >> /etc/log"]),
+        &mut env.admin_cmd(&[
+            "image",
+            "maintain",
+            IMAGE,
+            "--",
+            "sh",
+            "-c",
+            "echo m1-start >> /etc/log; sleep 4; echo m1-end >> /etc/log",
+        ]),
     );
     assert!(wait_until(Duration::from_secs(60), tx_started), "m1 never started a transaction");
     thread::sleep(Duration::from_millis(500));
-    let m2 = spawn("maintain m2", &mut env.admin_cmd(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo m2 >> /etc/log"]));
+    let m2 = spawn(
+        "maintain m2",
+        &mut env.admin_cmd(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo m2 >> /etc/log"]),
+    );
     let o1 = m1.wait(CMD_TIMEOUT);
     let o2 = m2.wait(CMD_TIMEOUT);
     o1.assert_ok();
@@ -262,7 +287,11 @@ fn lock_contention(kind: StoreKind) {
     if o2.code == Some(0) {
         assert_eq!(log, "m1-start\nm1-end\nm2\n", "the second maintain did not build on the first one's result");
     } else {
-        assert!(o2.code.is_some() && !o2.stderr.trim().is_empty(), "the second maintain failed unclearly\n{}", o2.describe());
+        assert!(
+            o2.code.is_some() && !o2.stderr.trim().is_empty(),
+            "the second maintain failed unclearly\n{}",
+            o2.describe()
+        );
         assert_eq!(log, "m1-start\nm1-end\n");
     }
 
@@ -272,8 +301,15 @@ fn lock_contention(kind: StoreKind) {
         &mut env.admin_cmd(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo long >> /etc/log; sleep 6"]),
     );
     assert!(wait_until(Duration::from_secs(60), tx_started), "m1 never started a transaction");
-    let o2 = env.admin_env(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo short >> /etc/log"], &[("NSPAWN_RUNNER_LOCK_TIMEOUT", "1")]);
-    assert!(o2.code.is_some() && o2.code != Some(0), "a maintain must not run while another holds the lock\n{}", o2.describe());
+    let o2 = env.admin_env(
+        &["image", "maintain", IMAGE, "--", "sh", "-c", "echo short >> /etc/log"],
+        &[("NSPAWN_RUNNER_LOCK_TIMEOUT", "1")],
+    );
+    assert!(
+        o2.code.is_some() && o2.code != Some(0),
+        "a maintain must not run while another holds the lock\n{}",
+        o2.describe()
+    );
     assert!(o2.elapsed < Duration::from_secs(5), "NSPAWN_RUNNER_LOCK_TIMEOUT=1 not honoured: {:?}", o2.elapsed);
     assert!(!o2.stderr.trim().is_empty(), "{}", o2.describe());
     m1.wait(CMD_TIMEOUT).assert_ok();
@@ -287,11 +323,7 @@ fn lock_contention(kind: StoreKind) {
 
 /// Processes in process group `pgid`.
 fn group_members(pgid: i32) -> Vec<i32> {
-    processes()
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| unsafe { libc::getpgid(*p) } == pgid)
-        .collect()
+    processes().into_iter().map(|(p, _)| p).filter(|p| unsafe { libc::getpgid(*p) } == pgid).collect()
 }
 
 fn crash_safety_kill9(kind: StoreKind) {
@@ -343,7 +375,11 @@ fn crash_safety_kill9(kind: StoreKind) {
         if cur == before {
             assert_eq!(m, before_marker, "iteration {i}: the current tree was changed in place");
         } else {
-            assert_eq!(m.as_deref(), Some(format!("v{i}\n").as_str()), "iteration {i}: new current without the new marker");
+            assert_eq!(
+                m.as_deref(),
+                Some(format!("v{i}\n").as_str()),
+                "iteration {i}: new current without the new marker"
+            );
         }
         if out.code == Some(0) {
             assert_ne!(cur, before, "iteration {i}: maintain succeeded but current did not move");
@@ -357,7 +393,10 @@ fn crash_safety_kill9(kind: StoreKind) {
     }
     eprintln!("{killed_midway} of 10 maintains were killed before they finished");
     // the store still takes a transaction (no stale lock)
-    let out = env.admin_env(&["image", "maintain", IMAGE, "--", "sh", "-c", "echo final > /etc/marker"], &[("NSPAWN_RUNNER_LOCK_TIMEOUT", "10")]);
+    let out = env.admin_env(
+        &["image", "maintain", IMAGE, "--", "sh", "-c", "echo final > /etc/marker"],
+        &[("NSPAWN_RUNNER_LOCK_TIMEOUT", "10")],
+    );
     out.assert_ok();
     assert_eq!(boot_and_read_marker(&env), "final");
 }

@@ -33,10 +33,7 @@ fn config_prints_only_json(kind: StoreKind) {
     assert!(out.stdout.trim_start().starts_with('{'), "stdout must be a JSON object\n{}", out.describe());
     let o = v.as_object().expect("a JSON object");
     let s = |k: &str| {
-        o.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_else(|| panic!("`{k}` must be a string in {v}"))
-            .to_string()
+        o.get(k).and_then(|x| x.as_str()).unwrap_or_else(|| panic!("`{k}` must be a string in {v}")).to_string()
     };
     let builds = s("builds_dir");
     let cache = s("cache_dir");
@@ -82,7 +79,9 @@ fn passing_multi_stage_job(kind: StoreKind) {
     // get_sources: creates the project dir and a file (no network), and passes a variable through GITLAB_ENV
     let out = job.run(
         "get_sources",
-        &job.get_sources_body("echo \"hello from get_sources $CI_JOB_ID\" > input.txt\necho FROM_GET_SOURCES=yes >> \"$GITLAB_ENV\""),
+        &job.get_sources_body(
+            "echo \"hello from get_sources $CI_JOB_ID\" > input.txt\necho FROM_GET_SOURCES=yes >> \"$GITLAB_ENV\"",
+        ),
     );
     out.assert_ok();
 
@@ -280,8 +279,11 @@ fn two_jobs_at_once(kind: StoreKind) {
     thread::scope(|s| {
         for j in [ra, rb] {
             s.spawn(move || {
-                j.run("get_sources", &j.get_sources_body("echo \"mine=$CI_JOB_ID\" > owner.txt\necho \"$CI_JOB_ID\" > /root/owner"))
-                    .assert_ok();
+                j.run(
+                    "get_sources",
+                    &j.get_sources_body("echo \"mine=$CI_JOB_ID\" > owner.txt\necho \"$CI_JOB_ID\" > /root/owner"),
+                )
+                .assert_ok();
             });
         }
     });
@@ -290,7 +292,12 @@ fn two_jobs_at_once(kind: StoreKind) {
             s.spawn(move || {
                 let out = j.run(
                     "build_script",
-                    &j.user_body(&["cat owner.txt", "cat /root/owner", "sleep 1", "test \"$(cat owner.txt)\" = \"mine=$CI_JOB_ID\""]),
+                    &j.user_body(&[
+                        "cat owner.txt",
+                        "cat /root/owner",
+                        "sleep 1",
+                        "test \"$(cat owner.txt)\" = \"mine=$CI_JOB_ID\"",
+                    ]),
                 );
                 out.assert_ok();
                 assert!(out.stdout.contains(&format!("mine={}", j.id)), "{}", out.describe());

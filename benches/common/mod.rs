@@ -47,7 +47,8 @@ pub fn mounts() -> Vec<(PathBuf, String)> {
         .filter_map(|l| {
             let mut f = l.split(' ');
             let _src = f.next()?;
-            let mnt = f.next()?.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
+            let mnt =
+                f.next()?.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
             let fstype = f.next()?.to_owned();
             Some((PathBuf::from(mnt), fstype))
         })
@@ -56,7 +57,11 @@ pub fn mounts() -> Vec<(PathBuf, String)> {
 
 /// Runs a command, panicking with its output on failure.
 pub fn sh(args: &[&str]) -> Output {
-    let out = Command::new(args[0]).args(&args[1..]).env("PATH", PATH).output().unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .env("PATH", PATH)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
     if !out.status.success() {
         panic!(
             "{:?} failed ({}):\n{}{}",

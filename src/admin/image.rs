@@ -52,7 +52,8 @@ pub fn new_image_dir(image: &Image) -> Result<()> {
 
 /// Bootstraps a Debian tree into `tree` with mmdebstrap, or debootstrap where it is missing.
 pub fn bootstrap(tree: &Path, suite: &str, mirror: Option<&str>, extra: &[String]) -> Result<()> {
-    let include = BASE_PACKAGES.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect::<Vec<_>>().join(",");
+    let include =
+        BASE_PACKAGES.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect::<Vec<_>>().join(",");
     let tool = if crate::settings::find_in_path("mmdebstrap").is_some() { "mmdebstrap" } else { "debootstrap" };
     let mut command = Command::new(tool);
     command.arg("--variant=minbase").arg(format!("--include={include}")).arg(suite).arg(tree);
@@ -357,11 +358,14 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::new("path with NUL"));
     let (a_c, b_c) = (c(a)?, c(b)?);
     // SAFETY: both are valid NUL-terminated paths; AT_FDCWD makes them relative to our cwd.
-    let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a_c.as_ptr(), libc::AT_FDCWD, b_c.as_ptr(), libc::RENAME_EXCHANGE)
-    };
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, a_c.as_ptr(), libc::AT_FDCWD, b_c.as_ptr(), libc::RENAME_EXCHANGE) };
     if rc != 0 {
-        return Err(Error::from(std::io::Error::last_os_error()).context(format!("exchanging {} and {}", a.display(), b.display())));
+        return Err(Error::from(std::io::Error::last_os_error()).context(format!(
+            "exchanging {} and {}",
+            a.display(),
+            b.display()
+        )));
     }
     Ok(())
 }

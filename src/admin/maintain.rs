@@ -36,10 +36,7 @@ pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
         }
         return maintain_all(settings);
     }
-    let (name, command) = args
-        .args
-        .split_first()
-        .ok_or_else(|| Error::new("give an image name, or --all"))?;
+    let (name, command) = args.args.split_first().ok_or_else(|| Error::new("give an image name, or --all"))?;
     let name = ImageName::parse(name)?;
     // argh keeps the `--` that separates the command from our options.
     let separated = command.first().is_some_and(|a| a == "--");
@@ -83,7 +80,8 @@ fn configured_images(config_dir: &Path) -> Vec<ImageName> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let stem = name.strip_suffix(".d").or_else(|| name.strip_suffix(".yaml")).or_else(|| name.strip_suffix(".yml"))?;
+            let stem =
+                name.strip_suffix(".d").or_else(|| name.strip_suffix(".yaml")).or_else(|| name.strip_suffix(".yml"))?;
             ImageName::parse(stem).ok()
         })
         .collect()
@@ -190,7 +188,8 @@ pub fn run_configured_steps(settings: &Settings, tx: &Transaction, default_upgra
     for hook in &hooks {
         run_file(tx.tree(), hook)?;
     }
-    let playbook = ["yaml", "yml"].iter().map(|ext| settings.config_dir.join(format!("{name}.{ext}"))).find(|p| p.is_file());
+    let playbook =
+        ["yaml", "yml"].iter().map(|ext| settings.config_dir.join(format!("{name}.{ext}"))).find(|p| p.is_file());
     if hooks.is_empty() && playbook.is_none() && default_upgrade {
         let command = ["/bin/sh".to_owned(), "-c".to_owned(), DEFAULT_UPGRADE.to_owned()];
         run_in_tree_checked(&tree_command(tx.tree(), &command, vec![]))?;

@@ -100,7 +100,8 @@ pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<S
         setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
     }
     let keep_caps = bounding_set(running.leader_pid)?;
-    let machine_root = File::open(format!("/proc/{}/root", running.leader_pid)).context("opening the machine's root")?;
+    let machine_root =
+        File::open(format!("/proc/{}/root", running.leader_pid)).context("opening the machine's root")?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
     let signals = crate::signals::stop_set();

@@ -132,7 +132,8 @@ fn first_child(pid: i32) -> Option<i32> {
 /// Describes the machine's processes, finding nspawn's ephemeral copy of the snapshot if any.
 fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Result<Running> {
     let start = |pid| {
-        state::process_start_time(pid).ok_or_else(|| Error::new(format!("machine {} died while starting", spec.machine)))
+        state::process_start_time(pid)
+            .ok_or_else(|| Error::new(format!("machine {} died while starting", spec.machine)))
     };
     let ephemeral = match spec.root {
         JobRoot::EphemeralSnapshot => find_ephemeral_copy(leader_pid, &spec.tree)?,

@@ -1,7 +1,9 @@
 //! Our own sd_notify socket: how a detached systemd-nspawn tells us its machine is ready.
 
 use crate::error::{Context, Error, Result};
-use nix::sys::socket::{bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
+};
 use nix::sys::time::TimeVal;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};

@@ -2,13 +2,15 @@
 
 use super::notify::NotifySocket;
 use super::state::{JobState, Running};
-use super::{describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, SAFE_PATH};
+use super::{
+    describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, SAFE_PATH,
+};
 use crate::error::{Context, Error, Result};
+use crate::store::backend::JobRoot;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use crate::store::backend::JobRoot;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

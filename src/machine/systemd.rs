@@ -94,7 +94,6 @@ impl Host for SystemdHost {
             Err(Error::new(format!("machine {} is still running after stopping {unit}", state.machine)))
         }
     }
-
 }
 
 /// Stops the unit (systemd escalates to SIGKILL after the unit's stop timeout); fine if absent.

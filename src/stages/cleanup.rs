@@ -2,12 +2,12 @@
 
 use super::JobContext;
 use crate::error::{Error, Result};
-use std::path::{Component, Path, PathBuf};
+use crate::machine;
 use crate::machine::state::JobState;
 use crate::machine::Host;
-use crate::machine;
 use crate::store::backend;
 use crate::store::delete_ephemeral_copy;
+use std::path::{Component, Path, PathBuf};
 
 /// Cleans up the job; a job that never started or is already gone is fine.
 pub fn cleanup(ctx: &JobContext) -> Result<()> {

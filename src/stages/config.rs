@@ -37,9 +37,8 @@ impl ConfigOutput {
 /// CI_BUILDS_DIR/CI_PROJECT_DIR: gitlab-runner has not computed them yet.
 pub fn config() -> Result<()> {
     let settings = Settings::from_env()?;
-    let hostname = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".to_owned());
+    let hostname =
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".to_owned());
     let json = serde_json::to_string(&ConfigOutput::new(&settings, hostname)).map_err(|e| Error::new(e.to_string()))?;
     println!("{json}");
     Ok(())

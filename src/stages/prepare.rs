@@ -108,8 +108,8 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
         }
         Err(e) => {
             // Leave nothing behind; gitlab-runner calls cleanup too, which then finds nothing.
-            let cleaned = super::cleanup::clean_job(ctx, host.as_ref(), &state)
-                .and_then(|()| ctx.states.remove_lock(&ctx.job));
+            let cleaned =
+                super::cleanup::clean_job(ctx, host.as_ref(), &state).and_then(|()| ctx.states.remove_lock(&ctx.job));
             if let Err(cleanup_error) = cleaned {
                 log::warn!("cleaning up after the failed prepare: {cleanup_error}");
             }

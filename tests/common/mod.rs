@@ -418,7 +418,7 @@ fn btrfs_mount() -> Result<PathBuf, String> {
         let mnt = mnt.canonicalize().unwrap();
         let mounted = |m: &Path| mounts().iter().any(|(p, t)| p == m && t == "btrfs");
         let try_mount = || sh_ok(&["mount", "-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()]);
-        if !mounted(&mnt) && !(img.exists() && try_mount() && mounted(&mnt)) {
+        if !(mounted(&mnt) || img.exists() && try_mount() && mounted(&mnt)) {
             // No image, or an unusable one: make a fresh file system.
             let _ = fs::remove_file(&img);
             sh(&["truncate", "-s", "4G", img.to_str().unwrap()]);
@@ -428,7 +428,8 @@ fn btrfs_mount() -> Result<PathBuf, String> {
             }
         }
         // Register as a user (shared lock, held until exit), taken under the mount lock.
-        let users = fs::OpenOptions::new().create(true).write(true).truncate(false).open(base.join(".btrfs.users")).unwrap();
+        let users =
+            fs::OpenOptions::new().create(true).write(true).truncate(false).open(base.join(".btrfs.users")).unwrap();
         use std::os::fd::AsRawFd;
         assert_eq!(unsafe { libc::flock(users.as_raw_fd(), libc::LOCK_SH) }, 0);
         if BTRFS_USERS.set((users, mnt.clone())).is_ok() {
@@ -447,7 +448,8 @@ extern "C" fn unmount_btrfs_at_exit() {
     use std::os::fd::AsRawFd;
     let Some((users, mnt)) = BTRFS_USERS.get() else { return };
     let Some(base) = mnt.parent() else { return };
-    let Ok(lock) = fs::OpenOptions::new().create(true).write(true).truncate(false).open(base.join(".btrfs.lock")) else {
+    let Ok(lock) = fs::OpenOptions::new().create(true).write(true).truncate(false).open(base.join(".btrfs.lock"))
+    else {
         return;
     };
     unsafe {
@@ -459,7 +461,8 @@ extern "C" fn unmount_btrfs_at_exit() {
             return;
         }
     }
-    let ok = Command::new("umount").arg(mnt).stdin(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let ok =
+        Command::new("umount").arg(mnt).stdin(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if !ok {
         let _ = writeln!(std::io::stderr(), "note: {} stays mounted (still in use)", mnt.display());
     }
@@ -484,7 +487,8 @@ fn sweep_leftovers() {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 // names are <tag>-p<pid>-<n>
-                let Some(pid) = name.rsplit('-').nth(1).and_then(|p| p.strip_prefix('p')).and_then(|p| p.parse::<u32>().ok())
+                let Some(pid) =
+                    name.rsplit('-').nth(1).and_then(|p| p.strip_prefix('p')).and_then(|p| p.parse::<u32>().ok())
                 else {
                     continue;
                 };
@@ -766,7 +770,10 @@ impl Drop for TestEnv {
 pub fn is_snapshot_name(s: &str) -> bool {
     match s.split_once('_') {
         Some((a, b)) => {
-            !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
+            !a.is_empty()
+                && !b.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
         }
         None => false,
     }
@@ -870,7 +877,10 @@ impl<'a> Job<'a> {
             .env("CUSTOM_ENV_CI_JOB_TOKEN", JOB_TOKEN)
             .env("CUSTOM_ENV_CI_PROJECT_PATH", PROJECT_PATH)
             .env("CUSTOM_ENV_CI_PROJECT_PATH_SLUG", "group-project")
-            .env("CUSTOM_ENV_CI_REPOSITORY_URL", format!("https://gitlab-ci-token:{JOB_TOKEN}@gitlab.invalid/{PROJECT_PATH}.git"))
+            .env(
+                "CUSTOM_ENV_CI_REPOSITORY_URL",
+                format!("https://gitlab-ci-token:{JOB_TOKEN}@gitlab.invalid/{PROJECT_PATH}.git"),
+            )
             .env("CUSTOM_ENV_CI_SHARED_ENVIRONMENT", "true")
             .env("CUSTOM_ENV_CI_JOB_SERVICES", "");
         if let Some(img) = &self.image {
@@ -983,10 +993,7 @@ impl<'a> Job<'a> {
     /// cleanup_file_variables body.
     pub fn cleanup_file_variables_body(&self) -> String {
         let p = self.project_dir();
-        format!(
-            "{}rm \"-f\" \"{p}.tmp/gitlab_runner_env\"\nrm \"-f\" \"{p}.tmp/masking.db\"\n",
-            self.exports()
-        )
+        format!("{}rm \"-f\" \"{p}.tmp/gitlab_runner_env\"\nrm \"-f\" \"{p}.tmp/masking.db\"\n", self.exports())
     }
 }
 
@@ -1066,10 +1073,7 @@ pub fn processes() -> Vec<(i32, Vec<String>)> {
         if raw.is_empty() {
             continue;
         }
-        let argv = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect::<Vec<_>>();
+        let argv = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>();
         let mut argv = argv;
         if argv.last().is_some_and(|a| a.is_empty()) {
             argv.pop();
@@ -1084,7 +1088,8 @@ pub fn nspawn_pids(name: &str) -> Vec<i32> {
     processes()
         .into_iter()
         .filter(|(_, argv)| {
-            let is_nspawn = argv.first().map(|a| Path::new(a).file_name() == Some(OsStr::new("systemd-nspawn"))).unwrap_or(false);
+            let is_nspawn =
+                argv.first().map(|a| Path::new(a).file_name() == Some(OsStr::new("systemd-nspawn"))).unwrap_or(false);
             is_nspawn
                 && argv.iter().enumerate().any(|(i, a)| {
                     a == &format!("--machine={name}")
@@ -1118,10 +1123,7 @@ pub fn mounts_below(p: &Path) -> Vec<PathBuf> {
 /// Processes with an argument that names a path at or below `p` (nspawn -D, cp, btrfs, ...).
 pub fn processes_using(p: &Path) -> Vec<(i32, Vec<String>)> {
     let p = p.to_string_lossy().into_owned();
-    processes()
-        .into_iter()
-        .filter(|(_, argv)| argv.iter().any(|a| a.contains(&p)))
-        .collect()
+    processes().into_iter().filter(|(_, argv)| argv.iter().any(|a| a.contains(&p))).collect()
 }
 
 /// Every test ends with this: nothing of job `id` is left on the host (its machine process, mounts,
@@ -1159,9 +1161,11 @@ pub fn assert_store_idle(env: &TestEnv) {
             }
         }
     }
-    let jobs: Vec<_> = fs::read_dir(env.root.join(".jobs")).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let jobs: Vec<_> =
+        fs::read_dir(env.root.join(".jobs")).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(jobs.is_empty(), "per-job dirs left: {jobs:?}");
-    let states: Vec<_> = fs::read_dir(&env.state_dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let states: Vec<_> =
+        fs::read_dir(&env.state_dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(states.is_empty(), "state files left: {states:?}");
 }
 
@@ -1212,10 +1216,9 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new() -> Rng {
-        let seed = std::env::var("NSPAWN_RUNNER_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 ^ std::process::id() as u64);
+        let seed = std::env::var("NSPAWN_RUNNER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 ^ std::process::id() as u64
+        });
         eprintln!("random seed: NSPAWN_RUNNER_TEST_SEED={seed}");
         Rng(seed | 1)
     }
@@ -1255,11 +1258,11 @@ macro_rules! both_stores {
             mod $name {
                 #[test]
                 fn btrfs() {
-                    super::$name(crate::common::StoreKind::Btrfs)
+                    super::$name($crate::common::StoreKind::Btrfs)
                 }
                 #[test]
                 fn plain() {
-                    super::$name(crate::common::StoreKind::Plain)
+                    super::$name($crate::common::StoreKind::Plain)
                 }
             }
         )+

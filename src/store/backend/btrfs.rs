@@ -40,9 +40,7 @@ nix::ioctl_write_ptr!(ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
 
 /// Splits `path` into an open handle on its parent directory and its last component.
 fn parent_and_name(path: &Path) -> Result<(File, &OsStr)> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::new(format!("{} has no final component", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::new(format!("{} has no final component", path.display())))?;
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let dir = File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
     Ok((dir, name))
