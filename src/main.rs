@@ -1,21 +1,10 @@
 //! nspawn-runner: a multi-call binary. Named `config`, `prepare`, `run` or `cleanup` it is that
 //! gitlab-runner custom-executor stage; named anything else it is the admin CLI.
 
-mod admin;
-mod cli;
-mod error;
-mod job;
-mod lock;
-mod machine;
-mod names;
-mod settings;
-mod signals;
-mod stages;
-mod store;
-
 use argh::FromArgs;
 use cli::{Cli, Command};
 use error::{Kind, Result};
+use nspawn_runner::{admin, cli, error, jobs, stages};
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
@@ -58,15 +47,15 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Config(_) => stages::config::config(),
         Command::Prepare(args) => {
-            let ctx = stages::JobContext::from_env(args.job_id.as_deref())?;
+            let ctx = jobs::JobContext::from_env(args.job_id.as_deref())?;
             stages::prepare::prepare(&ctx, args.image.as_deref())
         }
         Command::Run(args) => {
-            let ctx = stages::JobContext::from_env(args.job_id.as_deref())?;
+            let ctx = jobs::JobContext::from_env(args.job_id.as_deref())?;
             stages::run::run(&ctx, &args.script, &args.stage)
         }
         Command::Cleanup(args) => {
-            let ctx = stages::JobContext::from_env(args.job_id.as_deref())?;
+            let ctx = jobs::JobContext::from_env(args.job_id.as_deref())?;
             stages::cleanup::cleanup(&ctx)
         }
         Command::InstallLinks(args) => admin::install_links(&args.dir, &STAGE_NAMES),
@@ -105,7 +94,7 @@ fn main() -> ExitCode {
                 }
                 Err(()) => {
                     eprintln!("nspawn-runner: {}", early_exit.output.trim_end().replace('\n', " "));
-                    exit_code(if is_stage { job::EXIT_CODES.system_failure } else { 2 })
+                    exit_code(if is_stage { jobs::env::EXIT_CODES.system_failure } else { 2 })
                 }
             };
         }
@@ -116,11 +105,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == Kind::Build => {
             log::info!("{e}");
-            exit_code(job::EXIT_CODES.build_failure)
+            exit_code(jobs::env::EXIT_CODES.build_failure)
         }
         Err(e) => {
             eprintln!("nspawn-runner: {e}");
-            exit_code(if is_stage { job::EXIT_CODES.system_failure } else { 1 })
+            exit_code(if is_stage { jobs::env::EXIT_CODES.system_failure } else { 1 })
         }
     }
 }

@@ -3,9 +3,9 @@
 use super::maintain;
 use crate::cli::ImageSub;
 use crate::error::{Context, Error, Result};
+use crate::jobs::state::StateDir;
 use crate::lock::Mode;
 use crate::machine::chroot::{run_in_tree, TreeCommand};
-use crate::machine::state::StateDir;
 use crate::names::{ImageName, SnapshotName};
 use crate::settings::Settings;
 use crate::store::gc::{self, InUse};

@@ -6,7 +6,7 @@ mod maintain;
 pub use maintain::{chroot_exe, CHROOT_EXE_NAME};
 
 use crate::error::{Context, Error, Result};
-use crate::machine::state::StateDir;
+use crate::jobs::state::StateDir;
 use crate::settings::Settings;
 use std::path::Path;
 

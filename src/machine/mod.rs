@@ -4,13 +4,12 @@ pub mod chroot;
 mod enter;
 mod notify;
 mod plain;
-pub mod state;
 mod systemd;
 
 use crate::error::{Context, Error, Result};
+use crate::jobs::state::{JobState, Running};
 use crate::settings::{Settings, SystemdMode};
 use crate::store::backend::JobRoot;
-use state::{JobState, Running};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -132,7 +131,7 @@ fn first_child(pid: i32) -> Option<i32> {
 /// Describes the machine's processes, finding nspawn's ephemeral copy of the snapshot if any.
 fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Result<Running> {
     let start = |pid| {
-        state::process_start_time(pid)
+        crate::jobs::state::process_start_time(pid)
             .ok_or_else(|| Error::new(format!("machine {} died while starting", spec.machine)))
     };
     let ephemeral = match spec.root {

@@ -1,11 +1,11 @@
 //! The plain host path (PID 1 is not systemd): nspawn detached in its own session, driven by signals.
 
 use super::notify::NotifySocket;
-use super::state::{JobState, Running};
 use super::{
     describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, SAFE_PATH,
 };
 use crate::error::{Context, Error, Result};
+use crate::jobs::state::{JobState, Running};
 use crate::store::backend::JobRoot;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

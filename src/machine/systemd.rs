@@ -1,9 +1,9 @@
 //! The systemd host path: each machine is a transient unit started by systemd-run and
 //! registered with machined, so limits apply and `machinectl list` shows it.
 
-use super::state::{JobState, Running};
 use super::{describe_running, first_child, nspawn_args, unit_name, wait_until, Host, MachineSpec, SAFE_PATH};
 use crate::error::{Context, Error, Result};
+use crate::jobs::state::{JobState, Running};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -1,9 +1,9 @@
 //! The cleanup stage: power the job's machine off and remove everything the job left.
 
-use super::JobContext;
 use crate::error::{Error, Result};
+use crate::jobs::state::JobState;
+use crate::jobs::JobContext;
 use crate::machine;
-use crate::machine::state::JobState;
 use crate::machine::Host;
 use crate::store::backend;
 use crate::store::delete_ephemeral_copy;

@@ -1,9 +1,9 @@
 //! The prepare stage: pin the image's current snapshot and boot the job's machine on it.
 
-use super::JobContext;
 use crate::error::{Context, Result};
+use crate::jobs::state::JobState;
+use crate::jobs::JobContext;
 use crate::lock::Mode;
-use crate::machine::state::JobState;
 use crate::machine::{self, MachineSpec};
 use crate::settings::CACHE_DIR_IN_MACHINE;
 use crate::store::backend::JobRoot;

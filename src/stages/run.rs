@@ -1,8 +1,8 @@
 //! The run stage: one gitlab-runner script, run with bash as root inside the job's machine.
 
-use super::JobContext;
 use crate::error::{Error, Result};
-use crate::job::EXIT_CODES;
+use crate::jobs::env::EXIT_CODES;
+use crate::jobs::JobContext;
 use crate::machine::{self, ScriptOutcome};
 use std::path::Path;
 use std::time::Duration;

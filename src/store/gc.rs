@@ -2,8 +2,8 @@
 
 use super::{delete_ephemeral_copy, Entry, Image, Store, PENDING_PREFIX};
 use crate::error::Result;
+use crate::jobs::state::{JobState, StateDir};
 use crate::lock::{Lock, Mode};
-use crate::machine::state::{JobState, StateDir};
 use crate::names::SnapshotName;
 use log::warn;
 use std::collections::{HashMap, HashSet};
