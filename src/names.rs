@@ -1,6 +1,7 @@
 //! Validated names: images, job ids, snapshots and the machine names built from them.
 
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Longest image name accepted; keeps paths and unit names well inside system limits.
@@ -9,7 +10,8 @@ const MAX_IMAGE_NAME: usize = 64;
 const MAX_JOB_ID: usize = 48;
 
 /// The name of an image: one path component of `[A-Za-z0-9._+-]`, not starting with a dot.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ImageName(String);
 
 impl ImageName {
@@ -57,7 +59,8 @@ impl fmt::Display for ImageName {
 }
 
 /// A CI job id, as used in machine, unit and state file names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct JobId(String);
 
 impl JobId {
@@ -91,7 +94,8 @@ impl fmt::Display for JobId {
 }
 
 /// A committed snapshot of an image: `<unix-time>_<pid>`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SnapshotName {
     // Field order matters: the derived ordering sorts by creation time first.
     time: u64,
@@ -130,6 +134,28 @@ impl fmt::Display for SnapshotName {
         write!(f, "{}_{}", self.time, self.pid)
     }
 }
+
+/// State files store names as strings; reading one back validates it like any other input.
+macro_rules! string_conversions {
+    ($($name:ident),+) => {
+        $(
+            impl TryFrom<String> for $name {
+                type Error = Error;
+                fn try_from(name: String) -> Result<Self> {
+                    $name::parse(&name)
+                }
+            }
+
+            impl From<$name> for String {
+                fn from(name: $name) -> String {
+                    name.to_string()
+                }
+            }
+        )+
+    };
+}
+
+string_conversions!(ImageName, JobId, SnapshotName);
 
 #[cfg(test)]
 mod tests {
@@ -178,5 +204,14 @@ mod tests {
         for bad in ["", "current", "1_", "_1", "1_2_3", "a_1", "1-2", ".tx-1_2", "1_2/x"] {
             assert!(SnapshotName::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn names_read_back_from_json_are_validated() {
+        let job: JobId = serde_json::from_str("\"42\"").unwrap();
+        assert_eq!(serde_json::to_string(&job).unwrap(), "\"42\"");
+        assert!(serde_json::from_str::<JobId>("\"../x\"").is_err());
+        assert!(serde_json::from_str::<ImageName>("\"a/b\"").is_err());
+        assert_eq!(serde_json::from_str::<SnapshotName>("\"1_2\"").unwrap(), SnapshotName::new(1, 2));
     }
 }

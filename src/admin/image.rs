@@ -1,22 +1,21 @@
 //! `nspawn-runner image ...`: create, import, list, login, rollback, gc, remove, adopt.
 
+use super::build::{bootstrap, collect, make_bootable, new_image_dir};
 use super::maintain;
 use crate::cli::ImageSub;
 use crate::error::{Context, Error, Result};
+use crate::jobs::leases;
 use crate::jobs::state::StateDir;
 use crate::lock::Mode;
 use crate::machine::chroot::{run_in_tree, TreeCommand};
-use crate::names::{ImageName, SnapshotName};
+use crate::names::{ImageName, JobId, SnapshotName};
 use crate::settings::Settings;
-use crate::store::gc::{self, InUse};
+use crate::store::gc;
 use crate::store::transaction::{Base, Transaction};
-use crate::store::{Entry, Image, Store};
-use std::collections::HashMap;
+use crate::store::{is_old_layout, Entry, Image, Store};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-
-/// Packages every image gets: what a booted job machine and gitlab-runner's scripts need.
-const BASE_PACKAGES: [&str; 4] = ["systemd", "dbus", "git", "ca-certificates"];
 
 pub fn dispatch(command: ImageSub) -> Result<()> {
     let settings = Settings::from_env()?;
@@ -37,48 +36,6 @@ pub fn dispatch(command: ImageSub) -> Result<()> {
         ImageSub::Remove(args) => remove(&settings, &ImageName::parse(&args.name)?, args.force),
         ImageSub::Adopt(args) => adopt(&settings, &ImageName::parse(&args.name)?),
     }
-}
-
-/// Creates the image directory for a new image; an existing image is an error.
-pub fn new_image_dir(image: &Image) -> Result<()> {
-    if image.exists() {
-        return Err(Error::new(format!("image {} exists already (use `image maintain`)", image.name())));
-    }
-    if image.dir().join("usr").is_dir() {
-        return Err(Error::new(format!("image {} is in the old layout: use `image adopt`", image.name())));
-    }
-    std::fs::create_dir_all(image.dir()).with_context(|| format!("creating {}", image.dir().display()))
-}
-
-/// Bootstraps a Debian tree into `tree` with mmdebstrap, or debootstrap where it is missing.
-pub fn bootstrap(tree: &Path, suite: &str, mirror: Option<&str>, extra: &[String]) -> Result<()> {
-    let include =
-        BASE_PACKAGES.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect::<Vec<_>>().join(",");
-    let tool = if crate::settings::find_in_path("mmdebstrap").is_some() { "mmdebstrap" } else { "debootstrap" };
-    let mut command = Command::new(tool);
-    command.arg("--variant=minbase").arg(format!("--include={include}")).arg(suite).arg(tree);
-    if let Some(mirror) = mirror {
-        command.arg(mirror);
-    }
-    crate::signals::terminate_with_parent(&mut command);
-    log::info!("bootstrapping {suite} into {} with {tool}", tree.display());
-    let status = command.status().with_context(|| format!("running {tool} (install mmdebstrap or debootstrap)"))?;
-    if !status.success() {
-        return Err(Error::new(format!("{tool} failed ({status})")));
-    }
-    make_bootable(tree)
-}
-
-/// Leaves what nspawn must supply per machine to nspawn: the hostname (so every job machine is
-/// called `run-<job id>`), and the host's resolver configuration.
-fn make_bootable(tree: &Path) -> Result<()> {
-    for file in ["etc/hostname", "etc/resolv.conf"] {
-        crate::store::remove_if_present(&tree.join(file))?;
-    }
-    if !tree.join("usr/lib/systemd/systemd").exists() && !tree.join("lib/systemd/systemd").exists() {
-        return Err(Error::new(format!("{} has no systemd: it could not boot", tree.display())));
-    }
-    Ok(())
 }
 
 fn create(settings: &Settings, name: &ImageName, suite: &str, mirror: Option<&str>, extra: &[String]) -> Result<()> {
@@ -156,7 +113,7 @@ fn snapshot_role(
     snapshot: &SnapshotName,
     current: Option<&SnapshotName>,
     kept: &[&SnapshotName],
-    leases: &HashMap<String, Vec<String>>,
+    leases: &BTreeMap<SnapshotName, Vec<JobId>>,
 ) -> String {
     let mut roles = Vec::new();
     if Some(snapshot) == current {
@@ -164,7 +121,8 @@ fn snapshot_role(
     } else if kept.contains(&snapshot) {
         roles.push("kept".to_owned());
     }
-    if let Some(jobs) = leases.get(&snapshot.to_string()) {
+    if let Some(jobs) = leases.get(snapshot) {
+        let jobs: Vec<&str> = jobs.iter().map(JobId::as_str).collect();
         roles.push(format!("leased by job {}", jobs.join(",")));
     }
     if roles.is_empty() {
@@ -192,7 +150,7 @@ fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
         };
         println!("{name}: current {current_label}");
         let current = current.ok();
-        let leases = InUse::from_states(&image, &states).leased;
+        let leases = leases::in_use(&image, &states).leased;
         let snapshots = image.snapshots()?;
         let kept = match &current {
             Some(current) => gc::split_previous(&snapshots, current, settings.keep).1,
@@ -231,7 +189,7 @@ fn login(settings: &Settings, name: &ImageName, discard: bool) -> Result<()> {
     let image = store.image(name);
     let tx = Transaction::begin(&image, Base::Current)?;
     let shell = ["/bin/bash".to_owned(), "-l".to_owned()];
-    let status = run_in_tree(&TreeCommand { tree: tx.tree(), command: &shell, binds_ro: vec![], interactive: true })?;
+    let status = run_in_tree(&TreeCommand { tree: tx.tree(), command: &shell, binds: vec![], interactive: true })?;
     if discard || !status.success() {
         drop(tx);
         println!("image {name}: changes discarded ({})", if discard { "--discard" } else { "shell failed" });
@@ -267,20 +225,11 @@ fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Resu
     Ok(())
 }
 
-/// gc of one image after a commit.
-pub fn collect(settings: &Settings, image: &Image) -> Result<()> {
-    let deleted = gc::collect_image(image, &StateDir::new(settings), settings.keep)?;
-    for name in deleted {
-        println!("image {}: deleted {name}", image.name());
-    }
-    Ok(())
-}
-
 fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     let store = Store::open(settings)?;
     let states = StateDir::new(settings);
     // Crashed jobs first: their leases end, so gc can free their snapshots too.
-    for machine in gc::reap_jobs(&store, &states)? {
+    for machine in leases::reap_crashed(&store, &states)? {
         println!("reaped leftovers of {machine}");
     }
     let names = match only {
@@ -301,7 +250,7 @@ fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
     image.must_exist()?;
     let _lock = image.lock_transactions()?;
     let _pins = image.lock_pins(Mode::Exclusive)?;
-    let in_use = InUse::from_states(&image, &StateDir::new(settings).all()?);
+    let in_use = leases::in_use(&image, &StateDir::new(settings).all()?);
     if !in_use.leased.is_empty() && !force {
         return Err(Error::new(format!("image {name} is used by running jobs (use --force)")));
     }
@@ -326,7 +275,7 @@ fn adopt(settings: &Settings, name: &ImageName) -> Result<()> {
     if image.exists() {
         return Err(Error::new(format!("image {name} already uses the snapshot layout")));
     }
-    if !image.dir().join("usr").is_dir() {
+    if !is_old_layout(image.dir()) {
         return Err(Error::new(format!("{} is not an OS tree to adopt", image.dir().display())));
     }
     let staging = store.root().join(format!(".adopt-{name}"));
@@ -377,7 +326,7 @@ mod tests {
     #[test]
     fn snapshot_roles_for_image_list() {
         let s = |t| SnapshotName::new(t, 1);
-        let leases = [("10_1".to_owned(), vec!["77".to_owned()])].into();
+        let leases = [(s(10), vec![JobId::parse("77").unwrap()])].into();
         let kept = s(20);
         assert_eq!(snapshot_role(&s(30), Some(&s(30)), &[&kept], &leases), "current");
         assert_eq!(snapshot_role(&s(20), Some(&s(30)), &[&kept], &leases), "kept");

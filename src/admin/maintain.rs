@@ -1,9 +1,10 @@
 //! `image maintain`: hooks, a playbook, a script or a command run in a new snapshot, then commit.
 
-use super::image::{bootstrap, collect, new_image_dir};
+use super::build::{bootstrap, collect, new_image_dir};
 use crate::cli::ImageMaintain;
 use crate::error::{Context, Error, Result};
 use crate::machine::chroot::{run_in_tree_checked, TreeCommand};
+use crate::machine::nspawn::Bind;
 use crate::names::ImageName;
 use crate::settings::{find_in_path, Settings};
 use crate::store::transaction::{Base, Transaction};
@@ -149,8 +150,8 @@ fn debian_codename(tree: &Path) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn tree_command<'a>(tree: &'a Path, command: &'a [String], binds_ro: Vec<(PathBuf, String)>) -> TreeCommand<'a> {
-    TreeCommand { tree, command, binds_ro, interactive: false }
+fn tree_command<'a>(tree: &'a Path, command: &'a [String], binds: Vec<Bind>) -> TreeCommand<'a> {
+    TreeCommand { tree, command, binds, interactive: false }
 }
 
 /// Runs a host file inside the tree: directly when executable (any interpreter), else with sh.
@@ -162,7 +163,7 @@ fn run_file(tree: &Path, file: &Path) -> Result<()> {
         vec!["/bin/sh".to_owned(), HOOK_IN_TREE.to_owned()]
     };
     log::info!("running {} in {}", file.display(), tree.display());
-    run_in_tree_checked(&tree_command(tree, &command, vec![(file.to_path_buf(), HOOK_IN_TREE.to_owned())]))
+    run_in_tree_checked(&tree_command(tree, &command, vec![Bind::read_only(file, HOOK_IN_TREE)]))
         .map_err(|e| e.context(format!("hook {}", file.display())))
 }
 

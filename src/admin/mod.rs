@@ -1,5 +1,6 @@
 //! Admin commands besides images: stage symlinks, job status, the config.toml snippet.
 
+mod build;
 pub mod image;
 mod maintain;
 
@@ -35,20 +36,14 @@ pub fn status() -> Result<()> {
     }
     println!("{:<12} {:<16} {:<20} {:<24} {:<8} unit", "job", "machine", "image", "snapshot", "state");
     for (state, busy) in states {
-        let condition = match (&state.running, busy) {
-            (_, true) => "busy",
-            (Some(r), _) if r.leader_alive() => "running",
-            (Some(_), _) => "dead",
-            (None, _) => "crashed",
-        };
         println!(
             "{:<12} {:<16} {:<20} {:<24} {:<8} {}",
             state.job_id,
-            state.machine,
+            state.machine.name,
             state.image,
             state.snapshot,
-            condition,
-            state.unit.as_deref().unwrap_or("-")
+            state.condition(busy),
+            state.machine.unit.as_deref().unwrap_or("-")
         );
     }
     Ok(())

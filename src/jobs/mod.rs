@@ -1,6 +1,7 @@
-//! A job: gitlab-runner's variables for it, its state record and the state directory.
+//! A job: gitlab-runner's variables for it, its state record and the state directory, its leases.
 
 pub mod env;
+pub mod leases;
 pub mod state;
 
 use crate::error::Result;

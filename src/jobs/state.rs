@@ -2,7 +2,8 @@
 
 use crate::error::{Context, Error, Result};
 use crate::lock::{Lock, Mode};
-use crate::names::JobId;
+use crate::machine::Machine;
+use crate::names::{ImageName, JobId, SnapshotName};
 use crate::settings::Settings;
 use crate::store::remove_if_present;
 use serde::{Deserialize, Serialize};
@@ -11,61 +12,50 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Everything later stages (and gc) need to know about a job's machine.
+/// Where a job is in its life, as the stage working on it last recorded it. Whether its
+/// machine really still runs is a question for the host (`Machine::is_up`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// prepare resolved `current` and recorded the lease; nothing else exists yet.
+    Pinned,
+    /// prepare is making the job's directory and booting its machine. Also what a state file
+    /// of an older version without a phase counts as: it may have anything.
+    #[default]
+    Booting,
+    /// The machine is up; run stages enter it.
+    Running,
+    /// cleanup is stopping the machine and deleting what the job left.
+    Stopping,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pinned => "pinned",
+            Phase::Booting => "booting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// A job's record: its machine, the snapshot it leases and its phase. Everything later stages
+/// (and gc) need to know about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobState {
-    pub job_id: String,
-    pub machine: String,
+    pub job_id: JobId,
+    #[serde(flatten)]
+    pub machine: Machine,
     /// The store root the job's image lives in.
     pub store: PathBuf,
-    pub image: String,
+    pub image: ImageName,
     /// The snapshot the job is pinned to (a lease gc respects).
-    pub snapshot: String,
+    pub snapshot: SnapshotName,
     /// Per-job writable layer directory (overlay stores), removed at cleanup.
     pub job_dir: Option<PathBuf>,
-    /// The transient unit, when started through systemd.
-    pub unit: Option<String>,
-    /// The machine's processes, once it is up.
-    pub running: Option<Running>,
-}
-
-/// The processes of a started machine, with start times to detect pid reuse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Running {
-    pub nspawn_pid: i32,
-    pub nspawn_start_time: u64,
-    pub leader_pid: i32,
-    pub leader_start_time: u64,
-    /// nspawn's `--ephemeral` copy of the snapshot, if any; removed if nspawn could not.
-    pub ephemeral: Option<PathBuf>,
-    /// The machine unit's cgroup (systemd hosts), which entered scripts join.
     #[serde(default)]
-    pub cgroup: Option<String>,
-}
-
-impl Running {
-    /// True while the machine's init still runs.
-    pub fn leader_alive(&self) -> bool {
-        process_start_time(self.leader_pid) == Some(self.leader_start_time)
-    }
-
-    pub fn nspawn_alive(&self) -> bool {
-        process_start_time(self.nspawn_pid) == Some(self.nspawn_start_time)
-    }
-}
-
-/// The start time (field 22 of /proc/PID/stat, in clock ticks since boot) of a live process.
-pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // after_name starts at field 3 (state); start time is field 22.
-    fields.nth(22 - 4)?.parse().ok()
+    pub phase: Phase,
 }
 
 /// The state files of one state dir.
@@ -89,25 +79,31 @@ impl StateDir {
 
     /// Serialises prepare and cleanup of one job; gc skips jobs whose lock is held.
     pub fn lock_job(&self, job: &JobId, timeout: Duration) -> Result<Lock> {
-        Lock::acquire(&self.lock_path(job.as_str()), Mode::Exclusive, timeout, &format!("job {job}"))
+        Lock::acquire(&self.lock_path(job), Mode::Exclusive, timeout, &format!("job {job}"))
     }
 
     /// Takes the job's lock only if nobody holds it.
     pub fn try_lock_job(&self, job: &JobId) -> Result<Option<Lock>> {
-        Lock::try_acquire(&self.lock_path(job.as_str()), Mode::Exclusive)
+        Lock::try_acquire(&self.lock_path(job), Mode::Exclusive)
     }
 
-    fn lock_path(&self, job_id: &str) -> PathBuf {
-        self.dir.join(format!("{job_id}.lock"))
+    fn lock_path(&self, job: &JobId) -> PathBuf {
+        self.dir.join(format!("{job}.lock"))
     }
 
     pub fn load(&self, job: &JobId) -> Result<Option<JobState>> {
-        load_file(&self.path(job))
+        let path = self.path(job);
+        match load_file(&path)? {
+            Some(state) if state.job_id != *job => {
+                Err(Error::new(format!("corrupt state file {}: it is about job {}", path.display(), state.job_id)))
+            }
+            loaded => Ok(loaded),
+        }
     }
 
     /// Writes the state atomically (temporary file + rename).
     pub fn save(&self, state: &JobState) -> Result<()> {
-        let path = self.dir.join(format!("{}.json", state.job_id));
+        let path = self.path(&state.job_id);
         let temp = self.dir.join(format!(".{}.json.tmp", state.job_id));
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::new(e.to_string()))?;
         let mut file = std::fs::OpenOptions::new()
@@ -129,7 +125,7 @@ impl StateDir {
 
     /// Removes the job's lock file, once the job is over (its holder may still hold it).
     pub fn remove_lock(&self, job: &JobId) -> Result<()> {
-        remove_if_present(&self.lock_path(job.as_str()))
+        remove_if_present(&self.lock_path(job))
     }
 
     /// Every job with a state file, with whether somebody holds its lock right now.
@@ -141,12 +137,9 @@ impl StateDir {
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(job_id) = name.strip_suffix(".json") else { continue };
-            if JobId::parse(job_id).is_err() {
-                continue;
-            }
+            let Some(Ok(job)) = name.strip_suffix(".json").map(JobId::parse) else { continue };
             if let Some(state) = load_file(&entry.path())? {
-                let busy = Lock::try_acquire(&self.lock_path(job_id), Mode::Exclusive)?.is_none();
+                let busy = Lock::try_acquire(&self.lock_path(&job), Mode::Exclusive)?.is_none();
                 states.push((state, busy));
             }
         }
@@ -166,47 +159,83 @@ fn load_file(path: &Path) -> Result<Option<JobState>> {
 }
 
 impl JobState {
+    /// The record of job `job_id` pinned to `snapshot`, before anything is started.
+    pub fn pinned(job_id: JobId, store: PathBuf, image: ImageName, snapshot: SnapshotName) -> JobState {
+        let machine = Machine::new(job_id.machine_name());
+        JobState { job_id, machine, store, image, snapshot, job_dir: None, phase: Phase::Pinned }
+    }
+
     /// True while the job may still use its snapshot: its machine runs, or prepare/cleanup
     /// is working on it right now (`busy`).
     pub fn is_live(&self, busy: bool) -> bool {
-        busy || self.running.as_ref().is_some_and(Running::leader_alive)
+        busy || self.machine.is_up()
+    }
+
+    /// How the job stands, for `status`: the phase while a stage works on it (`busy`), else
+    /// whether its machine still runs, died, or never came up (a crashed prepare or cleanup).
+    pub fn condition(&self, busy: bool) -> &'static str {
+        if busy {
+            self.phase.as_str()
+        } else if self.machine.is_up() {
+            "running"
+        } else if self.machine.running.is_some() {
+            "dead"
+        } else {
+            "crashed"
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::machine::Running;
 
-    #[test]
-    fn start_time_of_this_process_is_stable_and_dead_pids_have_none() {
-        let me = std::process::id() as i32;
-        let t = process_start_time(me).unwrap();
-        assert_eq!(process_start_time(me), Some(t));
-        assert_eq!(process_start_time(i32::MAX), None);
+    fn record() -> JobState {
+        let mut state = JobState::pinned(
+            JobId::parse("42").unwrap(),
+            "/var/lib/nspawn-runner".into(),
+            ImageName::parse("bookworm").unwrap(),
+            SnapshotName::new(1700000000, 1),
+        );
+        state.machine.unit = Some("nspawn-runner-run-42.service".into());
+        state.machine.running = Some(Running {
+            nspawn_pid: 10,
+            nspawn_start_time: 1,
+            leader_pid: 11,
+            leader_start_time: 2,
+            ephemeral: None,
+            cgroup: Some("/machine.slice/nspawn-runner-run-42.service".into()),
+        });
+        state.phase = Phase::Running;
+        state
     }
 
     #[test]
     fn state_round_trips_through_json() {
-        let state = JobState {
-            job_id: "42".into(),
-            machine: "run-42".into(),
-            store: "/var/lib/nspawn-runner".into(),
-            image: "bookworm".into(),
-            snapshot: "1700000000_1".into(),
-            job_dir: None,
-            unit: Some("nspawn-runner-run-42.service".into()),
-            running: Some(Running {
-                nspawn_pid: 10,
-                nspawn_start_time: 1,
-                leader_pid: 11,
-                leader_start_time: 2,
-                ephemeral: None,
-                cgroup: Some("/machine.slice/nspawn-runner-run-42.service".into()),
-            }),
-        };
+        let state = record();
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(serde_json::from_str::<JobState>(&json).unwrap(), state);
         assert!(state.is_live(true));
         assert!(!state.is_live(false), "pid 11 with start time 2 is not alive");
+        assert_eq!(state.condition(false), "dead");
+        assert_eq!(state.condition(true), "running");
+    }
+
+    #[test]
+    fn state_files_of_the_previous_version_still_load() {
+        let old = r#"{"job_id":"42","machine":"run-42","store":"/s","image":"bookworm","snapshot":"1_2",
+            "job_dir":null,"unit":null,"running":null}"#;
+        let state: JobState = serde_json::from_str(old).unwrap();
+        assert_eq!((state.machine.name.as_str(), state.phase), ("run-42", Phase::Booting));
+        assert_eq!(state.condition(false), "crashed");
+    }
+
+    #[test]
+    fn hostile_names_in_a_state_file_are_refused() {
+        let json = serde_json::to_string(&record()).unwrap();
+        for (good, bad) in [("\"bookworm\"", "\"../../etc\""), ("\"1700000000_1\"", "\"../x\"")] {
+            assert!(serde_json::from_str::<JobState>(&json.replace(good, bad)).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -1,44 +1,36 @@
 //! Running commands in an image tree being maintained: systemd-nspawn without --boot or --ephemeral.
 
+use super::nspawn::{Bind, Nspawn};
 use super::{systemd_is_pid1, SAFE_PATH};
 use crate::error::{Context, Error, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus};
 
 /// A command to run inside a tree.
 pub struct TreeCommand<'a> {
     pub tree: &'a Path,
     pub command: &'a [String],
-    /// Host file -> path inside, read-only.
-    pub binds_ro: Vec<(PathBuf, String)>,
+    pub binds: Vec<Bind>,
     /// A terminal session (image login) rather than a pipe.
     pub interactive: bool,
 }
 
 /// systemd-nspawn's arguments for `cmd` (pure, for tests).
 pub fn tree_args(cmd: &TreeCommand, register: bool) -> Vec<String> {
-    let mut args = vec![
-        "--quiet".to_owned(),
-        format!("--directory={}", cmd.tree.display()),
-        format!("--register={}", if register { "yes" } else { "no" }),
+    let mut nspawn = Nspawn::new(cmd.tree)
+        .register(register)
         // The host's resolver, bind-mounted, so nothing of the host is copied into the image.
-        "--resolv-conf=bind-host".to_owned(),
-        "--timezone=off".to_owned(),
-        "--link-journal=no".to_owned(),
-        format!("--console={}", if cmd.interactive { "interactive" } else { "pipe" }),
-    ];
+        .option("--resolv-conf", "bind-host")
+        .option("--timezone", "off")
+        .option("--link-journal", "no")
+        .option("--console", if cmd.interactive { "interactive" } else { "pipe" });
     if !register {
-        args.push("--keep-unit".to_owned());
+        nspawn = nspawn.flag("--keep-unit");
     }
     if !cmd.interactive {
-        args.push("--setenv=DEBIAN_FRONTEND=noninteractive".to_owned());
+        nspawn = nspawn.option("--setenv", "DEBIAN_FRONTEND=noninteractive");
     }
-    for (host, inside) in &cmd.binds_ro {
-        args.push(format!("--bind-ro={}:{inside}", host.display()));
-    }
-    args.push("--".to_owned());
-    args.extend(cmd.command.iter().cloned());
-    args
+    nspawn.binds(&cmd.binds).with_command(cmd.command)
 }
 
 /// Runs the command, with our stdio, and returns how it ended.
@@ -70,7 +62,7 @@ mod tests {
         let cmd = TreeCommand {
             tree: Path::new("/s/img/.tx-1_2"),
             command: &command,
-            binds_ro: vec![("/etc/hook".into(), "/run/hook".into())],
+            binds: vec![Bind::read_only("/etc/ho:ok", "/run/hook")],
             interactive: false,
         };
         let args = tree_args(&cmd, false);
@@ -78,7 +70,7 @@ mod tests {
         assert!(args.contains(&"--directory=/s/img/.tx-1_2".to_owned()));
         assert!(args.contains(&"--keep-unit".to_owned()));
         assert!(args.contains(&"--console=pipe".to_owned()));
-        assert!(args.contains(&"--bind-ro=/etc/hook:/run/hook".to_owned()));
+        assert!(args.contains(&"--bind-ro=/etc/ho\\:ok:/run/hook".to_owned()), "{args:?}");
         assert_eq!(&args[args.len() - 3..], ["--", "apt-get", "update"]);
     }
 }

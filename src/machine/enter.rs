@@ -1,8 +1,7 @@
 //! Running a job script inside a machine by joining its namespaces (setns), no helper process.
 
-use super::SAFE_PATH;
+use super::{Running, SAFE_PATH};
 use crate::error::{Context, Error, Result};
-use crate::jobs::state::Running;
 use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};

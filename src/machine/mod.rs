@@ -3,31 +3,33 @@
 pub mod chroot;
 mod enter;
 mod notify;
+pub mod nspawn;
 mod plain;
+mod running;
 mod systemd;
 
 use crate::error::{Context, Error, Result};
-use crate::jobs::state::{JobState, Running};
 use crate::settings::{Settings, SystemdMode};
 use crate::store::backend::JobRoot;
+use crate::store::JobLeftovers;
+use nspawn::{Bind, BootRoot, Nspawn};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use enter::{run_script, ScriptOutcome};
+pub use running::{process_start_time, Machine, Running};
 
 /// Everything needed to boot one job's machine.
-#[derive(Debug, Clone)]
-pub struct MachineSpec {
+pub struct MachineSpec<'s> {
     pub machine: String,
     /// The snapshot to boot (never written to).
     pub tree: PathBuf,
     pub root: JobRoot,
     /// Private directory for the job's writes (overlay upper dir lives in it).
     pub job_dir: Option<PathBuf>,
-    /// Host path -> machine path, read-write.
-    pub binds: Vec<(PathBuf, String)>,
-    /// Host path -> machine path, read-only.
-    pub binds_ro: Vec<(PathBuf, String)>,
+    /// What an aborted boot may leave in the store, for the host to delete.
+    pub leftovers: JobLeftovers<'s>,
+    pub binds: Vec<Bind>,
     /// systemd unit properties (systemd-host path only).
     pub properties: Vec<String>,
     /// Where the machine's console output goes (plain path).
@@ -42,7 +44,7 @@ pub trait Host {
     /// Boots the machine and returns once it is ready; the unit name if one was made.
     fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
     /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
-    fn stop(&self, state: &JobState, timeout: Duration) -> Result<()>;
+    fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()>;
 }
 
 /// True when PID 1 is systemd (the same test as sd_booted(3)).
@@ -73,38 +75,16 @@ pub fn unit_name(machine: &str) -> String {
 const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// systemd-nspawn's command line for `spec`. `register` says whether machined is there.
-pub fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
-    let mut args = vec![
-        "--quiet".to_owned(),
-        "--boot".to_owned(),
-        "--notify-ready=yes".to_owned(),
-        // Job machines are thrown away: power off at once instead of stopping every service.
-        "--kill-signal=SIGRTMIN+14".to_owned(),
-        "--link-journal=no".to_owned(),
-        "--keep-unit".to_owned(),
-        format!("--register={}", if register { "yes" } else { "no" }),
-        format!("--machine={}", spec.machine),
-        format!("--directory={}", spec.tree.display()),
-    ];
-    match spec.root {
-        JobRoot::EphemeralSnapshot => args.push("--ephemeral".to_owned()),
+fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
+    let upper;
+    let root = match spec.root {
+        JobRoot::EphemeralSnapshot => BootRoot::Ephemeral,
         JobRoot::Overlay => {
-            let upper = spec.job_dir.clone().unwrap_or_default().join("upper");
-            args.push(format!("--overlay={}:{}:/", escape(&spec.tree), escape(&upper)));
+            upper = spec.job_dir.clone().unwrap_or_default().join("upper");
+            BootRoot::Overlay { upper: &upper }
         }
-    }
-    for (host, inside) in &spec.binds {
-        args.push(format!("--bind={}:{inside}", escape(host)));
-    }
-    for (host, inside) in &spec.binds_ro {
-        args.push(format!("--bind-ro={}:{inside}", escape(host)));
-    }
-    args
-}
-
-/// nspawn splits --bind/--overlay values at ':'; a backslash keeps one in a path.
-fn escape(path: &Path) -> String {
-    path.display().to_string().replace('\\', "\\\\").replace(':', "\\:")
+    };
+    Nspawn::boot(&spec.machine, &spec.tree, root, register).binds(&spec.binds).into_args()
 }
 
 /// Waits until `done` is true, polling, for at most `timeout`; true if it became true.
@@ -131,8 +111,7 @@ fn first_child(pid: i32) -> Option<i32> {
 /// Describes the machine's processes, finding nspawn's ephemeral copy of the snapshot if any.
 fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Result<Running> {
     let start = |pid| {
-        crate::jobs::state::process_start_time(pid)
-            .ok_or_else(|| Error::new(format!("machine {} died while starting", spec.machine)))
+        process_start_time(pid).ok_or_else(|| Error::new(format!("machine {} died while starting", spec.machine)))
     };
     let ephemeral = match spec.root {
         JobRoot::EphemeralSnapshot => find_ephemeral_copy(leader_pid, &spec.tree)?,
@@ -173,24 +152,34 @@ fn find_ephemeral_copy(leader_pid: i32, tree: &Path) -> Result<Option<PathBuf>> 
 mod tests {
     use super::*;
 
-    fn spec(root: JobRoot) -> MachineSpec {
-        MachineSpec {
+    use crate::names::{ImageName, JobId, SnapshotName};
+    use crate::store::{backend, Store};
+
+    fn args(root: JobRoot, register: bool) -> Vec<String> {
+        let settings = Settings::from_vars([("NSPAWN_RUNNER_ROOT".to_owned(), "/store".to_owned())]).unwrap();
+        let store = Store::with_backend(&settings, Box::new(backend::Plain));
+        let (image, job) = (ImageName::parse("img").unwrap(), JobId::parse("7").unwrap());
+        let spec = MachineSpec {
             machine: "run-7".into(),
             tree: "/store/img/1_2".into(),
             root,
             job_dir: Some("/store/.jobs/run-7".into()),
-            binds: vec![("/var/cache/a:b".into(), "/cache".into())],
-            binds_ro: vec![("/usr/bin/gitlab-runner".into(), "/usr/local/bin/gitlab-runner".into())],
+            leftovers: store.job_leftovers(&image, &SnapshotName::new(1, 2), &job),
+            binds: vec![
+                Bind::read_write("/var/cache/a:b", "/cache"),
+                Bind::read_only("/usr/bin/gitlab-runner", "/usr/local/bin/gitlab-runner"),
+            ],
             properties: vec![],
             log: "/run/x.log".into(),
             ready_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
-        }
+        };
+        nspawn_args(&spec, register)
     }
 
     #[test]
     fn btrfs_jobs_boot_an_ephemeral_snapshot_of_the_target_tree() {
-        let args = nspawn_args(&spec(JobRoot::EphemeralSnapshot), false);
+        let args = args(JobRoot::EphemeralSnapshot, false);
         assert!(args.contains(&"--ephemeral".to_owned()));
         assert!(args.contains(&"--directory=/store/img/1_2".to_owned()));
         assert!(args.contains(&"--register=no".to_owned()));
@@ -201,7 +190,7 @@ mod tests {
 
     #[test]
     fn plain_jobs_boot_an_overlay_with_escaped_paths() {
-        let args = nspawn_args(&spec(JobRoot::Overlay), true);
+        let args = args(JobRoot::Overlay, true);
         assert!(args.contains(&"--overlay=/store/img/1_2:/store/.jobs/run-7/upper:/".to_owned()));
         assert!(args.contains(&"--bind=/var/cache/a\\:b:/cache".to_owned()));
         assert!(args.contains(&"--bind-ro=/usr/bin/gitlab-runner:/usr/local/bin/gitlab-runner".to_owned()));

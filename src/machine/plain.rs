@@ -2,10 +2,10 @@
 
 use super::notify::NotifySocket;
 use super::{
-    describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, MachineSpec, SAFE_PATH,
+    describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, Machine, MachineSpec, Running,
+    SAFE_PATH,
 };
 use crate::error::{Context, Error, Result};
-use crate::jobs::state::{JobState, Running};
 use crate::store::backend::JobRoot;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -69,8 +69,8 @@ impl Host for PlainHost {
         describe_running(nspawn_pid, leader_pid, spec).map(|running| (running, None))
     }
 
-    fn stop(&self, state: &JobState, timeout: Duration) -> Result<()> {
-        let Some(running) = &state.running else { return Ok(()) };
+    fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()> {
+        let Some(running) = &machine.running else { return Ok(()) };
         let alive = || running.nspawn_alive() || running.leader_alive();
         if !alive() {
             return Ok(());
@@ -87,13 +87,13 @@ impl Host for PlainHost {
         if wait_until(timeout, || !alive()) {
             return Ok(());
         }
-        log::warn!("machine {} did not power off in {} s, killing it", state.machine, timeout.as_secs());
+        log::warn!("machine {} did not power off in {} s, killing it", machine.name, timeout.as_secs());
         let leader = running.leader_alive().then_some(running.leader_pid);
         kill_machine(if running.nspawn_alive() { running.nspawn_pid } else { 0 }, leader);
         if wait_until(KILL_WAIT, || !alive()) {
             Ok(())
         } else {
-            Err(Error::new(format!("machine {} survived SIGKILL", state.machine)))
+            Err(Error::new(format!("machine {} survived SIGKILL", machine.name)))
         }
     }
 }
@@ -118,9 +118,7 @@ fn abort_boot(child: &mut Child, spec: &MachineSpec) {
         let _ = child.wait();
     }
     if let Some(copy) = copy.filter(|c| c.exists()) {
-        let removed = crate::store::backend::detect(&spec.tree)
-            .and_then(|backend| crate::store::delete_ephemeral_copy(backend.as_ref(), &copy));
-        if let Err(e) = removed {
+        if let Err(e) = spec.leftovers.delete(Some(&copy)) {
             log::warn!("cannot remove {} (gc will): {e}", copy.display());
         }
     }

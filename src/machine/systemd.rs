@@ -1,9 +1,10 @@
 //! The systemd host path: each machine is a transient unit started by systemd-run and
 //! registered with machined, so limits apply and `machinectl list` shows it.
 
-use super::{describe_running, first_child, nspawn_args, unit_name, wait_until, Host, MachineSpec, SAFE_PATH};
+use super::{
+    describe_running, first_child, nspawn_args, unit_name, wait_until, Host, Machine, MachineSpec, Running, SAFE_PATH,
+};
 use crate::error::{Context, Error, Result};
-use crate::jobs::state::{JobState, Running};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -84,14 +85,14 @@ impl Host for SystemdHost {
         }
     }
 
-    fn stop(&self, state: &JobState, timeout: Duration) -> Result<()> {
-        let unit = state.unit.clone().unwrap_or_else(|| unit_name(&state.machine));
+    fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()> {
+        let unit = machine.unit.clone().unwrap_or_else(|| unit_name(&machine.name));
         stop_unit(&unit)?;
-        let Some(running) = &state.running else { return Ok(()) };
+        let Some(running) = &machine.running else { return Ok(()) };
         if wait_until(timeout, || !running.leader_alive() && !running.nspawn_alive()) {
             Ok(())
         } else {
-            Err(Error::new(format!("machine {} is still running after stopping {unit}", state.machine)))
+            Err(Error::new(format!("machine {} is still running after stopping {unit}", machine.name)))
         }
     }
 }

@@ -1,119 +1,164 @@
 //! The prepare stage: pin the image's current snapshot and boot the job's machine on it.
 
-use crate::error::{Context, Result};
-use crate::jobs::state::JobState;
+use super::cleanup::clean_job;
+use crate::error::{Context, Error, Result};
+use crate::jobs::state::{JobState, Phase};
 use crate::jobs::JobContext;
 use crate::lock::Mode;
-use crate::machine::{self, MachineSpec};
-use crate::settings::CACHE_DIR_IN_MACHINE;
+use crate::machine::nspawn::Bind;
+use crate::machine::{self, Host, MachineSpec};
+use crate::names::ImageName;
+use crate::settings::{Settings, CACHE_DIR_IN_MACHINE};
 use crate::store::backend::JobRoot;
-use crate::store::Store;
+use crate::store::{Image, Store};
 use std::os::unix::fs::DirBuilderExt;
 
 /// Where the host's gitlab-runner binary appears in machines (first in their PATH).
 const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
 
 pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
-    let settings = &ctx.settings;
-    let image_name = ctx.env.image(image_override, &settings.default_image)?;
+    let image_name = ctx.env.image(image_override, &ctx.settings.default_image)?;
     // Everything that can be checked without writing is checked first: bad input changes nothing.
-    let store = Store::open(settings)?;
-    let image = store.image(&image_name);
-    image.current()?;
+    let store = Store::open(&ctx.settings)?;
+    let host = machine::host(&ctx.settings);
+    prepare_job(ctx, &store, host.as_ref(), &image_name)
+}
 
+/// prepare of `image_name` from `store` on `host`, step by step; a failed step undoes the
+/// steps before it.
+pub fn prepare_job(ctx: &JobContext, store: &Store, host: &dyn Host, image_name: &ImageName) -> Result<()> {
+    let image = store.image(image_name);
+    image.current()?;
     // A SIGTERM (prepare timeout, cancel) must not leave a machine booting with nobody to stop it.
     let _deferred = crate::signals::Deferred::block();
-    settings.ensure_state_dir()?;
+    ctx.settings.ensure_state_dir()?;
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
-    let host = machine::host(settings);
+    clean_earlier_attempt(ctx, store, host)?;
+    let state =
+        boot_pinned_machine(ctx, store, host, &image).map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
+    println!(
+        "nspawn-runner: machine {} is up: image {image_name}, snapshot {} ({} store)",
+        state.machine.name,
+        state.snapshot,
+        store.backend().name()
+    );
+    Ok(())
+}
 
-    // A retry (gitlab-runner tries prepare up to 3 times) or a repeated prepare starts afresh.
-    if let Some(previous) = ctx.states.load(&ctx.job)? {
-        log::info!("job {}: cleaning up an earlier attempt", ctx.job);
-        super::cleanup::clean_job(ctx, host.as_ref(), &previous)?;
+/// A retry (gitlab-runner tries prepare up to 3 times) or a repeated prepare starts afresh.
+fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Result<()> {
+    match ctx.states.load(&ctx.job)? {
+        Some(previous) => {
+            log::info!("job {}: cleaning up an earlier attempt", ctx.job);
+            clean_job(ctx, host, store, previous)
+        }
+        None => Ok(()),
+    }
+}
+
+/// The steps that leave something behind, each undone by `Attempt` if a later one fails.
+fn boot_pinned_machine(ctx: &JobContext, store: &Store, host: &dyn Host, image: &Image) -> Result<JobState> {
+    let mut attempt = Attempt::pin(ctx, store, host, image)?;
+    attempt.make_job_dir(image)?;
+    make_cache_dir(&ctx.settings)?;
+    attempt.start_machine(image)?;
+    if crate::signals::stop_requested() {
+        return Err(Error::new("interrupted"));
+    }
+    Ok(attempt.keep())
+}
+
+/// A prepare in progress, with the job's record saved after every step. Dropped before `keep`,
+/// it rolls the job back: stops its machine, deletes what it left, its state and lock files.
+/// gitlab-runner calls cleanup after a failed prepare too, which then finds nothing.
+struct Attempt<'a> {
+    ctx: &'a JobContext,
+    store: &'a Store,
+    host: &'a dyn Host,
+    /// The record as far as the steps got (also when saving it failed).
+    state: JobState,
+    kept: bool,
+}
+
+impl<'a> Attempt<'a> {
+    /// Resolves `current` and records the lease before gc can look again.
+    fn pin(ctx: &'a JobContext, store: &'a Store, host: &'a dyn Host, image: &Image) -> Result<Attempt<'a>> {
+        let forget_job = |e: Error| {
+            let _ = ctx.states.remove(&ctx.job).and_then(|()| ctx.states.remove_lock(&ctx.job));
+            e
+        };
+        let _pins = image.lock_pins(Mode::Shared).map_err(forget_job)?;
+        let snapshot = image.current().map_err(forget_job)?;
+        let state = JobState::pinned(ctx.job.clone(), store.root().to_path_buf(), image.name().clone(), snapshot);
+        let attempt = Attempt { ctx, store, host, state, kept: false };
+        ctx.states.save(&attempt.state)?;
+        Ok(attempt)
     }
 
-    let machine_name = ctx.job.machine_name();
-    let pinned = (|| {
-        // Pinning: resolve `current` and record the lease before gc can look again.
-        let _pins = image.lock_pins(Mode::Shared)?;
-        let snapshot = image.current()?;
-        let state = JobState {
-            job_id: ctx.job.to_string(),
-            machine: machine_name.clone(),
-            store: store.root().to_path_buf(),
-            image: image_name.to_string(),
-            snapshot: snapshot.to_string(),
-            job_dir: None,
-            unit: None,
-            running: None,
-        };
-        ctx.states.save(&state)?;
-        Ok(state)
-    })();
-    let mut state = match pinned {
-        Ok(state) => state,
-        Err(e) => {
-            let _ = ctx.states.remove(&ctx.job).and_then(|()| ctx.states.remove_lock(&ctx.job));
-            return Err(e);
+    /// The job's private writable layer, on stores whose jobs boot an overlay.
+    fn make_job_dir(&mut self, image: &Image) -> Result<()> {
+        self.state.phase = Phase::Booting;
+        if self.store.backend().job_root() == JobRoot::Overlay {
+            let tree = image.snapshot_path(&self.state.snapshot);
+            self.state.job_dir = Some(self.store.create_job_dir(&self.state.machine.name, &tree)?);
         }
-    };
+        self.ctx.states.save(&self.state)
+    }
 
-    let result = (|| {
-        let root = store.backend().job_root();
-        let tree = image.dir().join(&state.snapshot);
-        if root == JobRoot::Overlay {
-            state.job_dir = Some(store.create_job_dir(&machine_name, &tree)?);
-            ctx.states.save(&state)?;
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&settings.cache_dir)
-            .with_context(|| format!("creating cache dir {}", settings.cache_dir.display()))?;
+    /// Boots the machine and records its processes.
+    fn start_machine(&mut self, image: &Image) -> Result<()> {
+        let (settings, state) = (&self.ctx.settings, &self.state);
         let spec = MachineSpec {
-            machine: machine_name.clone(),
-            tree,
-            root,
+            machine: state.machine.name.clone(),
+            tree: image.snapshot_path(&state.snapshot),
+            root: self.store.backend().job_root(),
             job_dir: state.job_dir.clone(),
-            binds: vec![(settings.cache_dir.clone(), CACHE_DIR_IN_MACHINE.to_owned())],
-            binds_ro: settings
-                .gitlab_runner_binary()
-                .map(|binary| (binary, GITLAB_RUNNER_IN_MACHINE.to_owned()))
-                .into_iter()
-                .collect(),
+            leftovers: self.store.job_leftovers(&state.image, &state.snapshot, &state.job_id),
+            binds: job_binds(settings),
             properties: settings.unit_properties(),
-            log: ctx.states.log_path(&ctx.job),
+            log: self.ctx.states.log_path(&self.ctx.job),
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
         };
-        let (running, unit) = host.start(&spec)?;
-        state.running = Some(running);
-        state.unit = unit;
-        ctx.states.save(&state)?;
-        if crate::signals::stop_requested() {
-            return Err(crate::error::Error::new("interrupted"));
-        }
-        Ok(())
-    })();
+        let (running, unit) = self.host.start(&spec)?;
+        self.state.machine.running = Some(running);
+        self.state.machine.unit = unit;
+        self.state.phase = Phase::Running;
+        self.ctx.states.save(&self.state)
+    }
 
-    match result {
-        Ok(()) => {
-            println!(
-                "nspawn-runner: machine {machine_name} is up: image {image_name}, snapshot {} ({} store)",
-                state.snapshot,
-                store.backend().name()
-            );
-            Ok(())
+    /// Every step succeeded: the job keeps its machine.
+    fn keep(mut self) -> JobState {
+        self.kept = true;
+        self.state.clone()
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
         }
-        Err(e) => {
-            // Leave nothing behind; gitlab-runner calls cleanup too, which then finds nothing.
-            let cleaned =
-                super::cleanup::clean_job(ctx, host.as_ref(), &state).and_then(|()| ctx.states.remove_lock(&ctx.job));
-            if let Err(cleanup_error) = cleaned {
-                log::warn!("cleaning up after the failed prepare: {cleanup_error}");
-            }
-            Err(e.context(format!("preparing job {}", ctx.job)))
+        let (ctx, store, host) = (self.ctx, self.store, self.host);
+        let rolled_back =
+            clean_job(ctx, host, store, self.state.clone()).and_then(|()| ctx.states.remove_lock(&ctx.job));
+        if let Err(e) = rolled_back {
+            log::warn!("cleaning up after the failed prepare: {e}");
         }
     }
+}
+
+/// What every job machine gets mounted: the cache, and the host's gitlab-runner if there is one.
+fn job_binds(settings: &Settings) -> Vec<Bind> {
+    let cache = Bind::read_write(&settings.cache_dir, CACHE_DIR_IN_MACHINE);
+    let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
+    std::iter::once(cache).chain(gitlab_runner).collect()
+}
+
+fn make_cache_dir(settings: &Settings) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&settings.cache_dir)
+        .with_context(|| format!("creating cache dir {}", settings.cache_dir.display()))
 }

@@ -16,11 +16,12 @@ pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
     let state = ctx.states.load(&ctx.job)?.ok_or_else(|| {
         Error::new(format!("job {}: no machine (prepare did not run, or cleanup already did)", ctx.job))
     })?;
-    let running = state
+    let machine = &state.machine;
+    let running = machine
         .running
         .as_ref()
         .filter(|r| r.leader_alive())
-        .ok_or_else(|| Error::new(format!("job {}: machine {} is not running", ctx.job, state.machine)))?;
+        .ok_or_else(|| Error::new(format!("job {}: machine {} is not running", ctx.job, machine.name)))?;
     match machine::run_script(running, script, ctx.settings.stop_timeout())? {
         ScriptOutcome::Exited(0) => Ok(()),
         ScriptOutcome::Exited(code) => {
@@ -31,7 +32,7 @@ pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
                 machine::wait_until(MACHINE_DEATH_WAIT, || !running.leader_alive());
             }
             if !running.leader_alive() {
-                return Err(Error::new(format!("machine {} died during stage {stage}", state.machine)));
+                return Err(Error::new(format!("machine {} died during stage {stage}", machine.name)));
             }
             record_exit_code(code);
             Err(Error::build(format!("stage {stage} failed with exit code {code}")))

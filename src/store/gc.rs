@@ -1,46 +1,27 @@
-//! Garbage collection: old snapshots no job needs, leftovers of crashed transactions and jobs.
+//! Garbage collection of an image: old snapshots no job needs, leftovers of crashed transactions and machines.
 
-use super::{delete_ephemeral_copy, Entry, Image, Store, PENDING_PREFIX};
+use super::{Entry, Image, CURRENT_TEMP_PREFIX, PENDING_PREFIX};
 use crate::error::Result;
-use crate::jobs::state::{JobState, StateDir};
 use crate::lock::{Lock, Mode};
-use crate::names::SnapshotName;
+use crate::names::{JobId, SnapshotName};
 use log::warn;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
-/// What gc must not delete in one image.
+/// What live jobs hold in one image; gc's caller knows the jobs (see `Leases`).
 #[derive(Debug, Default)]
 pub struct InUse {
     /// Snapshots leased by live jobs, with the ids of those jobs.
-    pub leased: HashMap<String, Vec<String>>,
+    pub leased: BTreeMap<SnapshotName, Vec<JobId>>,
     /// nspawn ephemeral copies (entry names) belonging to running machines.
     pub ephemeral: HashSet<String>,
     /// A live job has not recorded its ephemeral copy yet: keep every ephemeral entry.
     pub job_starting: bool,
-    /// nspawn lock files that a running nspawn holds.
-    pub held_locks: HashSet<String>,
 }
 
-impl InUse {
-    /// Collects the leases on `image` held by live jobs of `states`.
-    pub fn from_states(image: &Image, states: &[(JobState, bool)]) -> InUse {
-        let mut in_use = InUse::default();
-        for (state, busy) in states {
-            if state.store != image.store().root() || state.image != image.name().as_str() || !state.is_live(*busy) {
-                continue;
-            }
-            in_use.leased.entry(state.snapshot.clone()).or_default().push(state.job_id.clone());
-            match state.running.as_ref().and_then(|r| r.ephemeral.as_ref()) {
-                Some(path) => {
-                    if let Some(name) = path.file_name() {
-                        in_use.ephemeral.insert(name.to_string_lossy().into_owned());
-                    }
-                }
-                None => in_use.job_starting |= state.running.is_none(),
-            }
-        }
-        in_use
-    }
+/// Who tells gc what live jobs hold: asked while gc holds the image's pin lock, so that no job
+/// can pin a snapshot between the answer and the deletion.
+pub trait Leases {
+    fn in_use(&self, image: &Image) -> Result<InUse>;
 }
 
 /// Splits the snapshots other than `current` into those beyond the `keep` newest (oldest
@@ -58,7 +39,14 @@ pub fn split_previous<'a>(
 
 /// Decides which entries of an image directory to delete. Pure, so it is unit-tested.
 /// `current` is `None` when the link is broken: then no snapshot is deleted at all.
-pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, keep: usize) -> Vec<String> {
+/// `held_locks` are the nspawn lock files a running nspawn holds.
+pub fn plan(
+    entries: &[Entry],
+    current: Option<&SnapshotName>,
+    in_use: &InUse,
+    held_locks: &HashSet<String>,
+    keep: usize,
+) -> Vec<String> {
     let mut doomed = Vec::new();
     if let Some(current) = current {
         let snapshots = entries.iter().filter_map(|e| match e {
@@ -67,9 +55,8 @@ pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, k
         });
         let (beyond_keep, _kept) = split_previous(snapshots, current, keep);
         for snapshot in beyond_keep {
-            let name = snapshot.to_string();
-            if !in_use.leased.contains_key(&name) {
-                doomed.push(name);
+            if !in_use.leased.contains_key(snapshot) {
+                doomed.push(snapshot.to_string());
             }
         }
     }
@@ -79,8 +66,8 @@ pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, k
             Entry::Ephemeral(name) if !in_use.job_starting && !in_use.ephemeral.contains(name) => {
                 doomed.push(name.clone())
             }
-            Entry::Bookkeeping(name) if name.starts_with(".current.") => doomed.push(name.clone()),
-            Entry::NspawnLock(name) if !in_use.held_locks.contains(name) => doomed.push(name.clone()),
+            Entry::Bookkeeping(name) if name.starts_with(CURRENT_TEMP_PREFIX) => doomed.push(name.clone()),
+            Entry::NspawnLock(name) if !held_locks.contains(name) => doomed.push(name.clone()),
             _ => {}
         }
     }
@@ -88,27 +75,27 @@ pub fn plan(entries: &[Entry], current: Option<&SnapshotName>, in_use: &InUse, k
 }
 
 /// Runs gc on one image, under its transaction lock; returns the names it deleted.
-pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize) -> Result<Vec<String>> {
+pub fn collect_image(image: &Image, leases: &dyn Leases, keep: usize) -> Result<Vec<String>> {
     let _transactions = image.lock_transactions()?;
     let mut moved = Vec::new();
     {
         // Under the pin lock no job can pin a snapshot we are about to delete. Victims are only
         // renamed to pending names here (fast); the slow deletion happens after the lock is released.
         let _pins = image.lock_pins(Mode::Exclusive)?;
-        let states = state_dir.all()?;
-        let mut in_use = InUse::from_states(image, &states);
+        let in_use = leases.in_use(image)?;
         let entries = image.entries()?;
+        let mut held_locks = HashSet::new();
         for entry in &entries {
             if let Entry::NspawnLock(name) = entry {
                 if Lock::try_acquire(&image.dir().join(name), Mode::Exclusive)?.is_none() {
-                    in_use.held_locks.insert(name.clone());
+                    held_locks.insert(name.clone());
                 }
             }
         }
         let current = image.current().ok();
-        for name in plan(&entries, current.as_ref(), &in_use, keep) {
+        for name in plan(&entries, current.as_ref(), &in_use, &held_locks, keep) {
             let from = image.dir().join(&name);
-            if name.starts_with(PENDING_PREFIX) || name.starts_with(".current.") || name.ends_with(".lck") {
+            if name.starts_with(PENDING_PREFIX) || name.starts_with(CURRENT_TEMP_PREFIX) || name.ends_with(".lck") {
                 moved.push((name, from));
                 continue;
             }
@@ -134,48 +121,16 @@ pub fn collect_image(image: &Image, state_dir: &StateDir, keep: usize) -> Result
     Ok(deleted)
 }
 
-/// Removes what crashed jobs left in `store`: state files of machines that no longer run, their
-/// job directories and ephemeral copies, and job directories nobody claims.
-pub fn reap_jobs(store: &Store, state_dir: &StateDir) -> Result<Vec<String>> {
-    let mut reaped = Vec::new();
-    let states = state_dir.all()?;
-    let mut claimed = HashSet::new();
-    for (state, busy) in &states {
-        if state.store != store.root() {
-            continue;
-        }
-        if state.is_live(*busy) {
-            claimed.insert(state.machine.clone());
-            continue;
-        }
-        let Ok(job) = crate::names::JobId::parse(&state.job_id) else { continue };
-        // Lock it so a prepare or cleanup of the same job cannot start meanwhile.
-        let Ok(Some(_lock)) = state_dir.try_lock_job(&job) else { continue };
-        if let Some(job_dir) = &state.job_dir {
-            store.backend().delete(job_dir)?;
-        }
-        if let Some(copy) = state.running.as_ref().and_then(|r| r.ephemeral.as_ref()) {
-            delete_ephemeral_copy(store.backend(), copy)?;
-        }
-        state_dir.remove(&job)?;
-        state_dir.remove_lock(&job)?;
-        reaped.push(state.machine.clone());
-    }
-    for machine in store.job_dirs()? {
-        if !claimed.contains(&machine) && !reaped.contains(&machine) {
-            store.backend().delete(&store.job_dir(&machine))?;
-            reaped.push(machine);
-        }
-    }
-    Ok(reaped)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn snap(t: u64) -> SnapshotName {
         SnapshotName::new(t, 1)
+    }
+
+    fn none() -> HashSet<String> {
+        HashSet::new()
     }
 
     fn entries(times: &[u64], extra: &[Entry]) -> Vec<Entry> {
@@ -185,31 +140,31 @@ mod tests {
     #[test]
     fn keeps_current_and_the_newest_previous_ones() {
         let e = entries(&[10, 20, 30, 40], &[]);
-        let mut doomed = plan(&e, Some(&snap(40)), &InUse::default(), 1);
+        let mut doomed = plan(&e, Some(&snap(40)), &InUse::default(), &none(), 1);
         doomed.sort();
         assert_eq!(doomed, ["10_1", "20_1"]);
-        assert!(plan(&e, Some(&snap(40)), &InUse::default(), 3).is_empty());
-        assert_eq!(plan(&e, Some(&snap(40)), &InUse::default(), 0).len(), 3);
+        assert!(plan(&e, Some(&snap(40)), &InUse::default(), &none(), 3).is_empty());
+        assert_eq!(plan(&e, Some(&snap(40)), &InUse::default(), &none(), 0).len(), 3);
     }
 
     #[test]
     fn after_a_rollback_the_newer_snapshot_counts_as_kept() {
         let e = entries(&[10, 20, 30], &[]);
-        assert_eq!(plan(&e, Some(&snap(20)), &InUse::default(), 1), ["10_1"]);
+        assert_eq!(plan(&e, Some(&snap(20)), &InUse::default(), &none(), 1), ["10_1"]);
     }
 
     #[test]
     fn leased_snapshots_survive() {
         let e = entries(&[10, 20, 30], &[]);
-        let in_use = InUse { leased: [("10_1".to_string(), vec!["7".to_string()])].into(), ..Default::default() };
-        assert!(plan(&e, Some(&snap(30)), &in_use, 1).is_empty());
-        assert_eq!(plan(&e, Some(&snap(30)), &in_use, 0), ["20_1"]);
+        let in_use = InUse { leased: [(snap(10), vec![JobId::parse("7").unwrap()])].into(), ..Default::default() };
+        assert!(plan(&e, Some(&snap(30)), &in_use, &none(), 1).is_empty());
+        assert_eq!(plan(&e, Some(&snap(30)), &in_use, &none(), 0), ["20_1"]);
     }
 
     #[test]
     fn a_broken_current_deletes_no_snapshot() {
         let e = entries(&[10, 20], &[Entry::Pending(".tx-30_1".into())]);
-        assert_eq!(plan(&e, None, &InUse::default(), 0), [".tx-30_1"]);
+        assert_eq!(plan(&e, None, &InUse::default(), &none(), 0), [".tx-30_1"]);
     }
 
     #[test]
@@ -227,14 +182,14 @@ mod tests {
                 Entry::NspawnLock(".#.#machine.10_1def.lck".into()),
             ],
         );
-        let in_use = InUse {
-            ephemeral: [".#machine.10_1abc".to_string()].into(),
-            held_locks: [".#10_1.lck".to_string()].into(),
-            ..Default::default()
-        };
-        let doomed = plan(&e, Some(&snap(10)), &in_use, 1);
+        let in_use = InUse { ephemeral: [".#machine.10_1abc".to_string()].into(), ..Default::default() };
+        let held: HashSet<String> = [".#10_1.lck".to_string()].into();
+        let doomed = plan(&e, Some(&snap(10)), &in_use, &held, 1);
         assert_eq!(doomed, [".tx-11_1", ".#machine.10_1def", ".current.55", ".#.#machine.10_1def.lck"]);
         let starting = InUse { job_starting: true, ..in_use };
-        assert_eq!(plan(&e, Some(&snap(10)), &starting, 1), [".tx-11_1", ".current.55", ".#.#machine.10_1def.lck"]);
+        assert_eq!(
+            plan(&e, Some(&snap(10)), &starting, &held, 1),
+            [".tx-11_1", ".current.55", ".#.#machine.10_1def.lck"]
+        );
     }
 }

@@ -6,7 +6,7 @@ pub mod transaction;
 
 use crate::error::{Context, Error, Result};
 use crate::lock::{Lock, Mode};
-use crate::names::{ImageName, SnapshotName};
+use crate::names::{ImageName, JobId, SnapshotName};
 use crate::settings::Settings;
 use backend::Backend;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -17,6 +17,8 @@ use std::time::Duration;
 pub const CURRENT: &str = "current";
 /// Prefix of a snapshot a transaction is still working on.
 pub const PENDING_PREFIX: &str = ".tx-";
+/// Prefix of the temporary link a switch of `current` renames over it.
+pub const CURRENT_TEMP_PREFIX: &str = ".current.";
 /// Prefix of the ephemeral copies systemd-nspawn makes next to the tree it boots.
 pub const EPHEMERAL_PREFIX: &str = ".#machine.";
 /// Serialises transactions on one image.
@@ -43,7 +45,12 @@ impl Store {
             return Err(Error::new(format!("image store {} is not a directory", root.display())));
         }
         let backend = backend::detect(&root)?;
-        Ok(Store { root, backend, lock_timeout: settings.lock_timeout() })
+        Ok(Store::with_backend(settings, backend))
+    }
+
+    /// The store of `settings` on a backend chosen by the caller (unit tests use a fake one).
+    pub fn with_backend(settings: &Settings, backend: Box<dyn Backend>) -> Store {
+        Store { root: settings.root.clone(), backend, lock_timeout: settings.lock_timeout() }
     }
 
     /// Opens the store, creating its root directory (root-only) if it does not exist yet.
@@ -112,6 +119,11 @@ impl Store {
         Ok(dir)
     }
 
+    /// Where job `job` on snapshot `snapshot` of `image` may have left things.
+    pub fn job_leftovers(&self, image: &ImageName, snapshot: &SnapshotName, job: &JobId) -> JobLeftovers<'_> {
+        JobLeftovers { store: self, image: image.clone(), snapshot: snapshot.clone(), job: job.clone() }
+    }
+
     /// Names of every job directory present (for gc of crashed jobs).
     pub fn job_dirs(&self) -> Result<Vec<String>> {
         let dir = self.root.join(JOBS_DIR);
@@ -170,7 +182,7 @@ impl Image<'_> {
         }
         let available = self.store.images().unwrap_or_default();
         let available: Vec<&str> = available.iter().map(ImageName::as_str).collect();
-        if self.dir.is_dir() && self.dir.join("usr").is_dir() {
+        if is_old_layout(&self.dir) {
             return Err(Error::new(format!(
                 "image {} is in the old single-tree layout; run `nspawn-runner image adopt {}`",
                 self.name, self.name
@@ -246,7 +258,7 @@ impl Image<'_> {
         if !std::fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
             return Err(Error::new(format!("image {}: no snapshot {}", self.name, snapshot)));
         }
-        let temp = self.dir.join(format!(".{CURRENT}.{}", std::process::id()));
+        let temp = self.dir.join(format!("{CURRENT_TEMP_PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_file(&temp);
         std::os::unix::fs::symlink(snapshot.to_string(), &temp)
             .with_context(|| format!("creating {}", temp.display()))?;
@@ -285,7 +297,7 @@ fn classify(name: &str, is_dir: bool) -> Entry {
         Entry::Ephemeral(name.to_owned())
     } else if name.starts_with(".#") && name.ends_with(".lck") && !is_dir {
         Entry::NspawnLock(name.to_owned())
-    } else if name == CURRENT || name == TRANSACTION_LOCK || name == PIN_LOCK || name.starts_with(".current.") {
+    } else if name == CURRENT || name == TRANSACTION_LOCK || name == PIN_LOCK || name.starts_with(CURRENT_TEMP_PREFIX) {
         Entry::Bookkeeping(name.to_owned())
     } else {
         Entry::Foreign(name.to_owned())
@@ -296,20 +308,57 @@ fn read_dir(dir: &Path) -> Result<impl Iterator<Item = std::fs::DirEntry>> {
     Ok(std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.filter_map(|e| e.ok()))
 }
 
-/// nspawn's lock file for the tree at `path` (`.#NAME.lck` beside it).
-pub fn nspawn_lock_path(path: &Path) -> Option<PathBuf> {
-    let name = path.file_name()?.to_str()?;
-    Some(path.with_file_name(format!(".#{name}.lck")))
+/// True when `dir` is an image of the Python nspawn-runner: the OS tree itself, no snapshots.
+pub fn is_old_layout(dir: &Path) -> bool {
+    dir.join("usr").is_dir()
 }
 
-/// Deletes a leftover nspawn ephemeral copy and the lock file nspawn keeps beside it (both stay
-/// behind when nspawn is killed).
-pub fn delete_ephemeral_copy(backend: &dyn Backend, copy: &Path) -> Result<()> {
-    backend.delete(copy)?;
-    match nspawn_lock_path(copy) {
-        Some(lock) => remove_if_present(&lock),
-        None => Ok(()),
+/// What a job may leave in the store: nspawn's ephemeral copy of its snapshot (with the lock
+/// file nspawn keeps beside it; both stay behind when nspawn is killed) and its overlay job
+/// directory. Every path it deletes is derived from the store root of the settings and
+/// validated names; a path recorded elsewhere (a state file) is only deleted when it is one
+/// of those.
+pub struct JobLeftovers<'s> {
+    store: &'s Store,
+    image: ImageName,
+    snapshot: SnapshotName,
+    job: JobId,
+}
+
+impl JobLeftovers<'_> {
+    /// Deletes the job's overlay directory and, if given, nspawn's copy `ephemeral`; what is
+    /// already gone is fine. A copy that is not one of this job's snapshot in its image's
+    /// directory is refused and nothing is deleted.
+    pub fn delete(&self, ephemeral: Option<&Path>) -> Result<()> {
+        if let Some(copy) = ephemeral {
+            let copy = self.ephemeral_copy(copy)?;
+            self.store.backend.delete(&copy)?;
+            remove_if_present(&nspawn_lock_path(&copy))?;
+        }
+        self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
     }
+
+    /// `copy` as a path below the image directory, if its name is that of an nspawn copy of the
+    /// job's snapshot (`.#machine.<snapshot><random>`) and it lies directly in that directory.
+    fn ephemeral_copy(&self, copy: &Path) -> Result<PathBuf> {
+        let image_dir = self.store.root.join(self.image.as_str());
+        let prefix = format!("{EPHEMERAL_PREFIX}{}", self.snapshot);
+        let name = copy.file_name().and_then(|n| n.to_str()).filter(|n| n.starts_with(&prefix) && *n != prefix);
+        match name {
+            Some(name) if copy.parent() == Some(image_dir.as_path()) => Ok(image_dir.join(name)),
+            _ => Err(Error::new(format!(
+                "refusing to delete {}: not an nspawn copy of image {} in the store",
+                copy.display(),
+                self.image
+            ))),
+        }
+    }
+}
+
+/// nspawn's lock file for the tree at `path` (`.#NAME.lck` beside it).
+fn nspawn_lock_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    path.with_file_name(format!(".#{name}.lck"))
 }
 
 /// Removes a file; one that is already gone is fine.
@@ -343,5 +392,26 @@ mod tests {
         assert_eq!(classify("current", false), Entry::Bookkeeping("current".into()));
         assert_eq!(classify(".current.77", false), Entry::Bookkeeping(".current.77".into()));
         assert_eq!(classify("etc", true), Entry::Foreign("etc".into()));
+    }
+
+    #[test]
+    fn only_nspawn_copies_of_the_jobs_snapshot_in_its_image_dir_are_leftovers() {
+        let settings = Settings::from_vars([("NSPAWN_RUNNER_ROOT".to_owned(), "/s/root".to_owned())]).unwrap();
+        let store = Store::with_backend(&settings, Box::new(backend::Plain));
+        let (image, snapshot) = (ImageName::parse("img").unwrap(), SnapshotName::new(1, 2));
+        let leftovers = store.job_leftovers(&image, &snapshot, &JobId::parse("7").unwrap());
+        let ok = Path::new("/s/root/img/.#machine.1_2abc");
+        assert_eq!(leftovers.ephemeral_copy(ok).unwrap(), ok);
+        for bad in [
+            "/s/root/img/.#machine.1_2",
+            "/s/root/img/.#machine.3_4abc",
+            "/s/root/other/.#machine.1_2abc",
+            "/s/root/img/../img/.#machine.1_2abc",
+            "/s/root/img/x/.#machine.1_2abc",
+            "/etc/.#machine.1_2abc",
+            "/s/root/img/1_2",
+        ] {
+            assert!(leftovers.ephemeral_copy(Path::new(bad)).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -1,0 +1,151 @@
+//! The one systemd-nspawn command-line builder: job machines, maintenance, the benchmark's floor.
+
+use std::path::{Path, PathBuf};
+
+/// Whether the machine may write through a bind mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A host path bind-mounted into a machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub host: PathBuf,
+    /// The path inside the machine.
+    pub inside: String,
+    pub access: Access,
+}
+
+impl Bind {
+    pub fn read_only(host: impl Into<PathBuf>, inside: impl Into<String>) -> Bind {
+        Bind { host: host.into(), inside: inside.into(), access: Access::ReadOnly }
+    }
+
+    pub fn read_write(host: impl Into<PathBuf>, inside: impl Into<String>) -> Bind {
+        Bind { host: host.into(), inside: inside.into(), access: Access::ReadWrite }
+    }
+
+    /// `--bind=HOST:INSIDE` or `--bind-ro=HOST:INSIDE`, both paths escaped.
+    fn arg(&self) -> String {
+        let option = match self.access {
+            Access::ReadOnly => "--bind-ro",
+            Access::ReadWrite => "--bind",
+        };
+        format!("{option}={}:{}", escape(&self.host), escape(Path::new(&self.inside)))
+    }
+}
+
+/// How a booted job machine gets its root: never by writing to the snapshot itself.
+#[derive(Debug, Clone, Copy)]
+pub enum BootRoot<'a> {
+    /// `--ephemeral`: nspawn makes (and removes) a CoW copy of the tree.
+    Ephemeral,
+    /// `--overlay=TREE:UPPER:/`: the job's writes go to `upper`.
+    Overlay { upper: &'a Path },
+}
+
+/// systemd-nspawn's arguments, built option by option. Every option is `--name` or
+/// `--name=value`; paths in values go through `escape` where nspawn splits at ':'.
+#[derive(Debug, Clone)]
+pub struct Nspawn {
+    args: Vec<String>,
+}
+
+impl Nspawn {
+    /// `--quiet --directory=TREE`: what every use starts from.
+    pub fn new(tree: &Path) -> Nspawn {
+        Nspawn { args: vec!["--quiet".to_owned(), format!("--directory={}", tree.display())] }
+    }
+
+    /// A booted job machine `machine` on `tree`, thrown away when it stops.
+    pub fn boot(machine: &str, tree: &Path, root: BootRoot, register: bool) -> Nspawn {
+        let nspawn = Nspawn::new(tree)
+            .flag("--boot")
+            .option("--notify-ready", "yes")
+            // Job machines are thrown away: power off at once instead of stopping every service.
+            .option("--kill-signal", "SIGRTMIN+14")
+            .option("--link-journal", "no")
+            .flag("--keep-unit")
+            .register(register)
+            .option("--machine", machine);
+        match root {
+            BootRoot::Ephemeral => nspawn.flag("--ephemeral"),
+            BootRoot::Overlay { upper } => {
+                let value = format!("{}:{}:/", escape(tree), escape(upper));
+                nspawn.option("--overlay", &value)
+            }
+        }
+    }
+
+    /// `--name`.
+    pub fn flag(mut self, name: &str) -> Nspawn {
+        self.args.push(name.to_owned());
+        self
+    }
+
+    /// `--name=value`.
+    pub fn option(mut self, name: &str, value: &str) -> Nspawn {
+        self.args.push(format!("{name}={value}"));
+        self
+    }
+
+    /// `--register=yes|no`: whether machined is there to register with.
+    pub fn register(self, register: bool) -> Nspawn {
+        self.option("--register", if register { "yes" } else { "no" })
+    }
+
+    pub fn bind(mut self, bind: &Bind) -> Nspawn {
+        self.args.push(bind.arg());
+        self
+    }
+
+    pub fn binds<'b>(self, binds: impl IntoIterator<Item = &'b Bind>) -> Nspawn {
+        binds.into_iter().fold(self, Nspawn::bind)
+    }
+
+    /// The arguments, for a booted machine (nspawn runs the tree's init).
+    pub fn into_args(self) -> Vec<String> {
+        self.args
+    }
+
+    /// The arguments, running `command` in the tree instead of booting it.
+    pub fn with_command(self, command: &[String]) -> Vec<String> {
+        let mut args = self.args;
+        args.push("--".to_owned());
+        args.extend(command.iter().cloned());
+        args
+    }
+}
+
+/// nspawn splits --bind/--overlay values at ':'; a backslash keeps one in a path.
+fn escape(path: &Path) -> String {
+    path.display().to_string().replace('\\', "\\\\").replace(':', "\\:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_escape_colons_and_backslashes_on_both_sides() {
+        assert_eq!(Bind::read_write("/var/cache/a:b", "/cache").arg(), "--bind=/var/cache/a\\:b:/cache");
+        assert_eq!(Bind::read_only("/h\\x", "/in:side").arg(), "--bind-ro=/h\\\\x:/in\\:side");
+    }
+
+    #[test]
+    fn a_command_follows_a_double_dash() {
+        let command = ["true".to_owned()];
+        let args = Nspawn::new(Path::new("/t")).flag("--x").with_command(&command);
+        assert_eq!(args, ["--quiet", "--directory=/t", "--x", "--", "true"]);
+    }
+
+    #[test]
+    fn overlay_paths_are_escaped() {
+        let upper = Path::new("/jobs/a:b/upper");
+        let args = Nspawn::boot("run-1", Path::new("/s/1_2"), BootRoot::Overlay { upper }, false).into_args();
+        assert!(args.contains(&"--overlay=/s/1_2:/jobs/a\\:b/upper:/".to_owned()), "{args:?}");
+        assert!(!args.contains(&"--ephemeral".to_owned()));
+    }
+}

@@ -1,0 +1,82 @@
+//! What identifies a job machine on the host: its name, its unit and its processes (with start
+//! times, so a reused pid is never taken for the machine).
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A job machine as the host knows it; a job's record embeds it (the field names are those of
+/// the state file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    /// nspawn's machine name, also the machine's hostname.
+    #[serde(rename = "machine")]
+    pub name: String,
+    /// The transient unit, when started through systemd.
+    pub unit: Option<String>,
+    /// The machine's processes, once it is up.
+    pub running: Option<Running>,
+}
+
+impl Machine {
+    /// A machine that is not started yet.
+    pub fn new(name: String) -> Machine {
+        Machine { name, unit: None, running: None }
+    }
+
+    /// True while the machine's init still runs.
+    pub fn is_up(&self) -> bool {
+        self.running.as_ref().is_some_and(Running::leader_alive)
+    }
+}
+
+/// The processes of a started machine, with start times to detect pid reuse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    pub nspawn_pid: i32,
+    pub nspawn_start_time: u64,
+    pub leader_pid: i32,
+    pub leader_start_time: u64,
+    /// nspawn's `--ephemeral` copy of the snapshot, if any; removed if nspawn could not.
+    pub ephemeral: Option<PathBuf>,
+    /// The machine unit's cgroup (systemd hosts), which entered scripts join.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+}
+
+impl Running {
+    /// True while the machine's init still runs.
+    pub fn leader_alive(&self) -> bool {
+        process_start_time(self.leader_pid) == Some(self.leader_start_time)
+    }
+
+    pub fn nspawn_alive(&self) -> bool {
+        process_start_time(self.nspawn_pid) == Some(self.nspawn_start_time)
+    }
+}
+
+/// The start time (field 22 of /proc/PID/stat, in clock ticks since boot) of a live process.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // after_name starts at field 3 (state); start time is field 22.
+    fields.nth(22 - 4)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_this_process_is_stable_and_dead_pids_have_none() {
+        let me = std::process::id() as i32;
+        let t = process_start_time(me).unwrap();
+        assert_eq!(process_start_time(me), Some(t));
+        assert_eq!(process_start_time(i32::MAX), None);
+    }
+}
