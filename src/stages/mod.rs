@@ -4,3 +4,5 @@ pub mod cleanup;
 pub mod config;
 pub mod prepare;
 pub mod run;
+#[cfg(test)]
+mod sequencing_tests;

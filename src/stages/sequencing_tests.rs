@@ -1,0 +1,266 @@
+//! Unit tests of the order of prepare's and cleanup's steps and of their rollback, without root:
+//! a fake Host and a fake snapshot Backend record what they are asked and fail where told.
+
+use super::cleanup::cleanup_job;
+use super::prepare::prepare_job;
+use crate::error::{Error, Result};
+use crate::jobs::env::JobEnv;
+use crate::jobs::state::{Phase, StateDir};
+use crate::jobs::JobContext;
+use crate::machine::{process_start_time, Host, Machine, MachineSpec, Running};
+use crate::names::{ImageName, JobId};
+use crate::settings::Settings;
+use crate::store::backend::{Backend, JobRoot};
+use crate::store::Store;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// What the fakes were asked, in order, and the one call that is to fail.
+#[derive(Default)]
+struct Script {
+    calls: Vec<String>,
+    fail: Option<String>,
+}
+
+type Shared = Rc<RefCell<Script>>;
+
+/// Records `call`; fails if it is the call told to fail (once).
+fn record(script: &Shared, call: String) -> Result<()> {
+    let mut script = script.borrow_mut();
+    script.calls.push(call.clone());
+    if script.fail.as_deref() == Some(call.as_str()) {
+        script.fail = None;
+        return Err(Error::new(format!("injected failure of {call}")));
+    }
+    Ok(())
+}
+
+struct FakeBackend {
+    script: Shared,
+    root: JobRoot,
+}
+
+impl Backend for FakeBackend {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn create_empty(&self, path: &Path) -> Result<()> {
+        Ok(std::fs::create_dir(path)?)
+    }
+    fn snapshot(&self, _source: &Path, _dest: &Path) -> Result<()> {
+        Err(Error::new("jobs never snapshot"))
+    }
+    fn delete(&self, path: &Path) -> Result<()> {
+        record(&self.script, format!("delete {}", path.file_name().unwrap_or_default().to_string_lossy()))?;
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+    fn job_root(&self) -> JobRoot {
+        self.root
+    }
+}
+
+/// A host whose "machines" are this test process; on ephemeral stores it makes the copy nspawn
+/// would make, so cleanup has something to delete.
+struct FakeHost {
+    script: Shared,
+}
+
+impl Host for FakeHost {
+    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
+        record(&self.script, format!("start {}", spec.machine))?;
+        let ephemeral = match spec.root {
+            JobRoot::EphemeralSnapshot => {
+                let tree_name = spec.tree.file_name().unwrap_or_default().to_string_lossy();
+                let n = self.script.borrow().calls.len();
+                let copy = spec.tree.with_file_name(format!(".#machine.{tree_name}{n}"));
+                std::fs::create_dir(&copy)?;
+                Some(copy)
+            }
+            JobRoot::Overlay => None,
+        };
+        let me = std::process::id() as i32;
+        let start = process_start_time(me).ok_or_else(|| Error::new("no start time"))?;
+        let running = Running {
+            nspawn_pid: me,
+            nspawn_start_time: start,
+            leader_pid: me,
+            leader_start_time: start,
+            ephemeral,
+            cgroup: None,
+        };
+        Ok((running, None))
+    }
+    fn stop(&self, machine: &Machine, _timeout: std::time::Duration) -> Result<()> {
+        record(&self.script, format!("stop {}", machine.name))
+    }
+}
+
+/// A store with one image `img` (snapshot 1_2 is current), a state dir and a cache dir in a
+/// temporary directory of its own.
+struct World {
+    dir: PathBuf,
+    ctx: JobContext,
+    script: Shared,
+    root: JobRoot,
+}
+
+impl World {
+    fn new(name: &str, root: JobRoot) -> World {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-seq-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root/img/1_2")).unwrap();
+        std::os::unix::fs::symlink("1_2", dir.join("root/img/current")).unwrap();
+        let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        let vars = [
+            ("NSPAWN_RUNNER_ROOT", path("root")),
+            ("NSPAWN_RUNNER_STATE_DIR", path("state")),
+            ("NSPAWN_RUNNER_CACHE_DIR", path("cache")),
+            ("NSPAWN_RUNNER_GITLAB_RUNNER", path("no-gitlab-runner")),
+        ];
+        let settings = Settings::from_vars(vars.map(|(k, v)| (k.to_owned(), v))).unwrap();
+        let states = StateDir::new(&settings);
+        let ctx = JobContext { settings, env: JobEnv::default(), job: JobId::parse("1").unwrap(), states };
+        World { dir, ctx, script: Shared::default(), root }
+    }
+
+    fn store(&self) -> Store {
+        let backend = FakeBackend { script: self.script.clone(), root: self.root };
+        Store::with_backend(&self.ctx.settings, Box::new(backend))
+    }
+
+    fn fail(&self, call: &str) {
+        self.script.borrow_mut().fail = Some(call.to_owned());
+    }
+
+    /// The calls so far, forgotten.
+    fn calls(&self) -> Vec<String> {
+        std::mem::take(&mut self.script.borrow_mut().calls)
+    }
+
+    fn prepare(&self) -> Result<()> {
+        let host = FakeHost { script: self.script.clone() };
+        prepare_job(&self.ctx, &self.store(), &host, &ImageName::parse("img").unwrap())
+    }
+
+    fn cleanup(&self) -> Result<()> {
+        let host = FakeHost { script: self.script.clone() };
+        cleanup_job(&self.ctx, &host, |_| Ok(self.store()))
+    }
+
+    fn names(&self, dir: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.join(dir))
+            .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[track_caller]
+    fn assert_nothing_left(&self) {
+        assert_eq!(self.names("state"), Vec::<String>::new(), "state files left");
+        assert_eq!(self.names("root/.jobs"), Vec::<String>::new(), "job directories left");
+        assert_eq!(self.names("root/img"), [".pin.lock", "1_2", "current"], "leftovers in the image");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const BOTH: [JobRoot; 2] = [JobRoot::EphemeralSnapshot, JobRoot::Overlay];
+
+#[test]
+fn a_job_boots_then_cleanup_stops_it_and_deletes_what_it_left() {
+    for root in BOTH {
+        let world = World::new(&format!("ok-{root:?}"), root);
+        world.prepare().unwrap();
+        let state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
+        assert_eq!(state.phase, Phase::Running);
+        let job_dir = match root {
+            JobRoot::Overlay => vec!["delete run-1", "start run-1"],
+            JobRoot::EphemeralSnapshot => vec!["start run-1"],
+        };
+        assert_eq!(world.calls(), job_dir);
+        world.cleanup().unwrap();
+        let copy = state.machine.running.and_then(|r| r.ephemeral);
+        let mut expected = vec!["stop run-1".to_owned()];
+        expected.extend(copy.and_then(|c| c.file_name().map(|n| format!("delete {}", n.to_string_lossy()))));
+        expected.push("delete run-1".to_owned());
+        assert_eq!(world.calls(), expected);
+        world.assert_nothing_left();
+        world.cleanup().unwrap();
+        world.assert_nothing_left();
+    }
+}
+
+#[test]
+fn a_failure_at_each_step_of_prepare_leaves_nothing_behind() {
+    for root in BOTH {
+        for step in ["delete run-1", "start run-1", "cache dir"] {
+            if root == JobRoot::EphemeralSnapshot && step == "delete run-1" {
+                continue; // no job directory on such stores
+            }
+            let world = World::new(&format!("fail-{root:?}-{}", step.replace(' ', "-")), root);
+            if step == "cache dir" {
+                std::fs::write(world.dir.join("cache"), "a file where the cache dir goes").unwrap();
+            } else {
+                world.fail(step);
+            }
+            let err = world.prepare().unwrap_err();
+            assert!(err.to_string().starts_with("preparing job 1: "), "{err}");
+            let calls = world.calls();
+            assert!(calls.contains(&"stop run-1".to_owned()), "no rollback after {step} failed: {calls:?}");
+            assert_eq!(calls.last().map(String::as_str), Some("delete run-1"), "{calls:?}");
+            world.assert_nothing_left();
+        }
+    }
+}
+
+#[test]
+fn an_image_without_current_changes_nothing() {
+    let world = World::new("no-current", JobRoot::Overlay);
+    std::fs::remove_file(world.dir.join("root/img/current")).unwrap();
+    assert!(world.prepare().is_err());
+    assert!(world.calls().is_empty());
+    assert!(!world.dir.join("state").exists());
+}
+
+#[test]
+fn a_retry_cleans_up_the_earlier_attempt_first() {
+    for root in BOTH {
+        let world = World::new(&format!("retry-{root:?}"), root);
+        world.prepare().unwrap();
+        let first = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
+        world.calls();
+        world.prepare().unwrap();
+        let calls = world.calls();
+        assert_eq!(calls.first().map(String::as_str), Some("stop run-1"), "{calls:?}");
+        assert_eq!(calls.last().map(String::as_str), Some("start run-1"), "{calls:?}");
+        if let Some(copy) = first.machine.running.and_then(|r| r.ephemeral) {
+            assert!(!copy.exists(), "the first attempt's copy {} is left", copy.display());
+        }
+        world.cleanup().unwrap();
+        world.assert_nothing_left();
+    }
+}
+
+#[test]
+fn a_recorded_copy_outside_the_store_is_never_deleted() {
+    let world = World::new("hostile", JobRoot::EphemeralSnapshot);
+    world.prepare().unwrap();
+    let decoy = world.dir.join("decoy/.#machine.1_2x");
+    std::fs::create_dir_all(&decoy).unwrap();
+    let mut state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
+    let real = state.machine.running.as_mut().unwrap().ephemeral.replace(decoy.clone()).unwrap();
+    world.ctx.states.save(&state).unwrap();
+    let err = world.cleanup().unwrap_err();
+    assert!(err.to_string().contains("refusing to delete"), "{err}");
+    assert!(decoy.is_dir(), "the decoy outside the store was deleted");
+    std::fs::remove_dir_all(real).unwrap();
+}
