@@ -10,6 +10,8 @@
 mod common;
 
 use common::*;
+use nspawn_runner::jobs::script::bash_wrapper;
+use nspawn_runner::machine::nspawn::{Bind, BootRoot, Nspawn};
 use std::fs;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -33,14 +35,6 @@ const STAGES: [&str; 8] = [
 
 const IMAGE: &str = "bench";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// gitlab-runner's v19.1+ bash wrapper (protocol doc §6) around a one-command body.
-fn bash_wrapper(body: &str) -> String {
-    format!(
-        "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\ncase \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\n\
-         set +o noclobber\n(trap 'exit 1' TERM; eval $'{body}') < /dev/null\nexit 0\n"
-    )
-}
 
 struct Store {
     kind: &'static str,
@@ -249,30 +243,21 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
     let mut job = Job::default();
     let job_dir = store.floor_jobs.join(name);
     let ((mut nspawn, leader), prepare) = timed(|| {
-        let mut args = vec![
-            "--quiet".to_owned(),
-            "--boot".to_owned(),
-            "--notify-ready=yes".to_owned(),
-            "--kill-signal=SIGRTMIN+14".to_owned(),
-            "--link-journal=no".to_owned(),
-            "--keep-unit".to_owned(),
-            "--register=no".to_owned(),
-            format!("--machine={name}"),
-            format!("--directory={}", store.snapshot.display()),
-        ];
-        if store.btrfs {
-            args.push("--ephemeral".to_owned());
+        let upper = job_dir.join("upper");
+        let root = if store.btrfs {
+            BootRoot::Ephemeral
         } else {
-            let upper = job_dir.join("upper");
             fs::create_dir_all(&upper).unwrap();
             // As nspawn-runner does: the upper dir takes the owner and mode of the snapshot root.
             let meta = fs::metadata(&store.snapshot).unwrap();
             std::os::unix::fs::chown(&upper, Some(meta.uid()), Some(meta.gid())).unwrap();
             fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777)).unwrap();
-            args.push(format!("--overlay={}:{}:/", store.snapshot.display(), upper.display()));
-        }
-        // The same cache bind nspawn-runner gives every machine.
-        args.push(format!("--bind={}:/cache", env.cache.display()));
+            BootRoot::Overlay { upper: &upper }
+        };
+        // The production command line, with the same cache bind nspawn-runner gives every machine.
+        let args = Nspawn::boot(name, &store.snapshot, root, false)
+            .bind(&Bind::read_write(&env.cache, "/cache"))
+            .into_args();
         let socket_name = format!("nspawn-runner-bench/{}/{name}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();

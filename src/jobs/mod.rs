@@ -2,6 +2,7 @@
 
 pub mod env;
 pub mod leases;
+pub mod script;
 pub mod state;
 
 use crate::error::Result;

@@ -1029,37 +1029,7 @@ impl Drop for Job<'_> {
     }
 }
 
-/// gitlab-runner's v19.1+ bash script wrapper (protocol doc §6).
-pub fn bash_wrapper(body: &str) -> String {
-    format!(
-        "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\ncase \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\n\
-         set +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",
-        ansi_c_quote(body)
-    )
-}
-
-/// Bash ANSI-C quoting ($'...'), like gitlab-runner's ShellEscape.
-pub fn ansi_c_quote(s: &str) -> String {
-    let mut o = String::from("$'");
-    for b in s.bytes() {
-        match b {
-            b'\\' => o.push_str("\\\\"),
-            b'\'' => o.push_str("\\'"),
-            b'\n' => o.push_str("\\n"),
-            b'\t' => o.push_str("\\t"),
-            b'\r' => o.push_str("\\r"),
-            0x07 => o.push_str("\\a"),
-            0x08 => o.push_str("\\b"),
-            0x0b => o.push_str("\\v"),
-            0x0c => o.push_str("\\f"),
-            0x1b => o.push_str("\\e"),
-            0x20..=0x7e => o.push(b as char),
-            _ => o.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    o.push('\'');
-    o
-}
+pub use nspawn_runner::jobs::script::{ansi_c_quote, bash_wrapper};
 
 // ---------------------------------------------------------------------------------------------------
 // host inspection
