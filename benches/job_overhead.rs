@@ -255,9 +255,8 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
             BootRoot::Overlay { upper: &upper }
         };
         // The production command line, with the same cache bind nspawn-runner gives every machine.
-        let args = Nspawn::boot(name, &store.snapshot, root, false)
-            .bind(&Bind::read_write(&env.cache, "/cache"))
-            .into_args();
+        let args =
+            Nspawn::boot(name, &store.snapshot, root, false).bind(&Bind::read_write(&env.cache, "/cache")).into_args();
         let socket_name = format!("nspawn-runner-bench/{}/{name}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
