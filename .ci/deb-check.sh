@@ -372,34 +372,10 @@ file_list() {
         -o -print | LC_ALL=C sort)
 }
 
-# The job script, written as gitlab-runner >= 19.1 writes it (bash wrapper,
-# body ANSI-C quoted on one line), protocol doc section 6.
-write_script() {
-    local file="$1" body="$2"
-    python3 - "$file" "$body" <<'PY'
-import sys
-path, body = sys.argv[1], sys.argv[2]
-def ansi_c(s):
-    out = []
-    for ch in s:
-        if ch == "\\": out.append("\\\\")
-        elif ch == "'": out.append("\\'")
-        elif ch == "\n": out.append("\\n")
-        elif ch == "\t": out.append("\\t")
-        elif ord(ch) < 32 or ord(ch) == 127: out.append("\\x%02x" % ord(ch))
-        else: out.append(ch)
-    return "$'" + "".join(out) + "'"
-text = ("#!/usr/bin/env bash\n\n"
-        "trap 'exit 1' TERM\n\n"
-        "case \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\n"
-        "set +o noclobber\n"
-        "(trap 'exit 1' TERM; eval " + ansi_c(body) + ") < /dev/null\n"
-        "exit 0\n")
-with open(path, "w") as f:
-    f.write(text)
-PY
-    chmod 0700 "$file"
-}
+# The job script, written as gitlab-runner >= 19.1 writes it: write_script FILE BODY.
+# shellcheck source=/dev/null
+. "$SRC/contrib/gitlab-script.sh"
+write_script() { gitlab_script "$@"; }
 
 # Run one executable of the custom executor inside the test system the way
 # gitlab-runner does: fork/exec, cwd = TMPDIR, stdin /dev/null, the runner's

@@ -55,22 +55,12 @@ export CUSTOM_ENV_CI_JOB_ID="$job_id" CUSTOM_ENV_CI_JOB_IMAGE="$image"
 export CUSTOM_ENV_CI_BUILDS_DIR="" CUSTOM_ENV_CI_PROJECT_DIR=""
 
 # The body of one stage wrapped as gitlab-runner (>= 19.1) writes it.
+# shellcheck source=/dev/null
+. "$here/contrib/gitlab-script.sh"
 write_script() {
-    local n=$1 body=$2 dir="$work/script$1"
+    local dir="$work/script$1"
     mkdir -p "$dir"
-    local quoted
-    quoted=$(printf '%q' "$body")
-    {
-        echo '#!/usr/bin/env bash'
-        echo
-        echo "trap 'exit 1' TERM"
-        echo
-        echo 'case "$(set -o)" in *"pipefail"*) set -o pipefail;; esac; set -o errexit'
-        echo 'set +o noclobber'
-        echo "(trap 'exit 1' TERM; eval $quoted) < /dev/null"
-        echo 'exit 0'
-    } > "$dir/script"
-    chmod 700 "$dir/script"
+    gitlab_script "$dir/script" "$2"
     echo "$dir/script"
 }
 

@@ -101,22 +101,14 @@ nr image list >"$WORK/list.out" 2>&1
 check "image list shows $IMG" grep -q "$IMG" "$WORK/list.out"
 
 # ---- gitlab-runner emulation ---------------------------------------------------------
-# gitlab-runner's bash wrapper (shells/bash.go, v19.1+), the body ANSI-C quoted on one line
-ansi_c() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\'/\\\'}"; s="${s//$'\n'/\\n}"; printf "\$'%s'" "$s"; }
+# gitlab-runner's bash wrapper (shells/bash.go, v19.1+): staged beside this script by run.sh
+# shellcheck source=/dev/null
+. "$HERE/gitlab-script.sh"
 SCRIPT_N=0
 mkscript() {  # mkscript JOBTMP BODY -> prints the script path
     local dir="$1/script$((SCRIPT_N+=1))"
     mkdir -p "$dir"
-    {
-        printf '#!/usr/bin/env bash\n\n'
-        printf "trap 'exit 1' TERM\n\n"
-        # shellcheck disable=SC2016
-        printf 'case "$(set -o)" in *"pipefail"*) set -o pipefail;; esac; set -o errexit\n'
-        printf 'set +o noclobber\n'
-        printf "(trap 'exit 1' TERM; eval %s) < /dev/null\n" "$(ansi_c "$2")"
-        printf 'exit 0\n'
-    } > "$dir/script"
-    chmod 700 "$dir/script"
+    gitlab_script "$dir/script" "$2"
     echo "$dir/script"
 }
 

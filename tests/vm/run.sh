@@ -54,6 +54,7 @@ say "build-vm.sh (about 2-3 min the first time, instant when cached)"
 STAGE="$(mktemp -d /var/tmp/nspawn-runner-vm.XXXXXX)"
 install -m 755 "$BIN" "$STAGE/nspawn-runner"
 install -m 755 "$HERE/guest-suite.sh" "$STAGE/guest-suite.sh"
+install -m 644 "$HERE/../../contrib/gitlab-script.sh" "$STAGE/gitlab-script.sh"
 export TESTBED_SHARE="$STAGE" TESTBED_INSTANCE="nspawn-runner-suite-$$" TESTBED_KEEP=1 TESTBED_PERSIST=0
 : "${TESTBED_CACHE:=/var/cache/nspawn-testbed}"; export TESTBED_CACHE
 cleanup() {
