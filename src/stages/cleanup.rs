@@ -34,7 +34,10 @@ pub fn cleanup_job(
 pub fn clean_job(ctx: &JobContext, host: &dyn Host, store: &Store, mut state: JobState) -> Result<()> {
     if state.phase != Phase::Pinned {
         state.phase = Phase::Stopping;
-        ctx.states.save(&state)?;
+        // Only for `status`: failing to record it must not keep the machine running.
+        if let Err(e) = ctx.states.save(&state) {
+            log::warn!("job {}: {e}", ctx.job);
+        }
         host.stop(&state.machine, ctx.settings.stop_timeout())?;
         // nspawn removes its ephemeral copy when it exits normally; not when it was killed.
         let copy = state.machine.running.as_ref().and_then(|r| r.ephemeral.as_deref());
