@@ -17,11 +17,12 @@ use std::os::unix::fs::DirBuilderExt;
 const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
 
 pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
-    let image_name = ctx.env.image(image_override, &ctx.settings.default_image)?;
+    let choice = crate::jobs::image::choose(image_override, ctx.env.job_image.as_deref(), &ctx.settings)?;
     // Everything that can be checked without writing is checked first: bad input changes nothing.
     let store = Store::open(&ctx.settings)?;
+    store.image(&choice.name).current().map_err(|e| e.context(&choice.how))?;
     let host = machine::host(&ctx.settings);
-    prepare_job(ctx, &store, host.as_ref(), &image_name)
+    prepare_job(ctx, &store, host.as_ref(), &choice.name)
 }
 
 /// prepare of `image_name` from `store` on `host`, step by step; a failed step undoes the
