@@ -16,6 +16,7 @@ both_stores! {
     build_failure_code_comes_from_env;
     missing_image_is_system_failure;
     job_images_map_like_the_python_runner;
+    step_runner_is_bound_read_only;
     sigterm_during_build_script;
     two_jobs_at_once;
     prepare_retry_after_failed_prepare;
@@ -249,6 +250,25 @@ fn job_images_map_like_the_python_runner(kind: StoreKind) {
     out.assert_system_failure(2);
     assert!(out.stderr.contains("not allowed"), "{}", out.describe());
     assert_same_tree("a prepare of a forbidden image", &before, &tree(&env.store_dir));
+}
+
+fn step_runner_is_bound_read_only(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "steprunner") else { return };
+    let binary = env.work.join("step-runner");
+    fs::write(&binary, "#!/bin/sh\necho step-runner says $*\n").unwrap();
+    fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.set("NSPAWN_RUNNER_STEP_RUNNER", binary.to_str().unwrap());
+    // gitlab-runner runs `run:` jobs with the step-runner in the PATH; a job cannot change it.
+    let out = env.job().run_whole_job(
+        "command -v step-runner; step-runner proxy; if echo x >> /usr/local/bin/step-runner; then echo WRITABLE; fi",
+    );
+    assert!(out.stdout.contains("/usr/local/bin/step-runner\nstep-runner says proxy"), "{}", out.describe());
+    assert!(!out.stdout.contains("WRITABLE"), "{}", out.describe());
+    assert_eq!(fs::read_to_string(&binary).unwrap(), "#!/bin/sh\necho step-runner says $*\n");
+    // A setting naming nothing binds nothing.
+    env.set("NSPAWN_RUNNER_STEP_RUNNER", env.work.join("missing").to_str().unwrap());
+    let out = env.job().run_whole_job("command -v step-runner || echo no step-runner");
+    assert!(out.stdout.contains("no step-runner"), "{}", out.describe());
 }
 
 fn sigterm_during_build_script(kind: StoreKind) {

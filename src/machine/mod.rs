@@ -185,6 +185,7 @@ mod tests {
         assert!(args.contains(&"--register=no".to_owned()));
         assert!(args.contains(&"--machine=run-7".to_owned()));
         assert!(args.contains(&"--notify-ready=yes".to_owned()));
+        assert!(args.contains(&"--suppress-sync=yes".to_owned()));
         assert!(!args.iter().any(|a| a.starts_with("--overlay")));
     }
 
