@@ -82,25 +82,70 @@ fn open_job_cgroup(unit_cgroup: &str) -> Option<File> {
     std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")).ok()
 }
 
+/// What entering a machine needs, opened by the parent before it forks.
+struct Entry {
+    namespaces: Vec<(File, CloneFlags)>,
+    machine_root: File,
+    keep_caps: u64,
+    /// `cgroup.procs` of a leaf cgroup of the machine's unit, where there is one.
+    cgroup_procs: Option<File>,
+}
+
+impl Entry {
+    /// Opens what entering the machine of `running` needs, and joins its pid namespace here, so
+    /// the forked child is the machine's process (as nsenter does with its extra fork). This
+    /// process is single-threaded and forks nothing else.
+    fn open(running: &Running) -> Result<Entry> {
+        let cgroup_procs = running.cgroup.as_deref().and_then(open_job_cgroup);
+        let mut namespaces = open_namespaces(running.leader_pid)?;
+        if let Some(index) = namespaces.iter().position(|(_, flag)| *flag == CloneFlags::CLONE_NEWPID) {
+            let (pid_ns, flag) = namespaces.remove(index);
+            setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
+        }
+        let keep_caps = bounding_set(running.leader_pid)?;
+        let machine_root =
+            File::open(format!("/proc/{}/root", running.leader_pid)).context("opening the machine's root")?;
+        Ok(Entry { namespaces, machine_root, keep_caps, cgroup_procs })
+    }
+
+    /// `argv` to run as root inside the machine, in a clean environment, with our stdout and
+    /// stderr; in a session of its own when `own_session` (else in our terminal's session).
+    fn command(self, argv: &[String], own_session: bool) -> Command {
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .env_clear()
+            .env("PATH", SAFE_PATH)
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("LOGNAME", "root")
+            .env("SHELL", "/bin/bash")
+            .env("LANG", "C.UTF-8")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe system calls run between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(procs) = &self.cgroup_procs {
+                    use std::os::fd::AsFd;
+                    // "0" moves the writing process; a failure only loses the limits, not the job.
+                    let _ = nix::unistd::write(procs.as_fd(), b"0");
+                }
+                enter_machine(&self.namespaces, &self.machine_root, self.keep_caps, own_session)
+            });
+        }
+        command
+    }
+}
+
 /// Runs `script` with bash as root inside the machine of `running`, in a clean environment,
 /// with our stdout/stderr, on either kind of host. Where the machine is a systemd unit, the
 /// script joins a cgroup below the unit's, so the unit's limits (MemoryMax, TasksMax,
 /// CPUWeight) bind it like every other process of the machine. On SIGTERM/SIGINT/SIGHUP the
 /// script's process group gets SIGTERM, then SIGKILL after `grace`.
 pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
-    let cgroup_procs = running.cgroup.as_deref().and_then(open_job_cgroup);
     let script_file = File::open(script).with_context(|| format!("opening script {}", script.display()))?;
-    let mut namespaces = open_namespaces(running.leader_pid)?;
-    // A pid namespace applies to the children of whoever joins it: join it here, so the forked
-    // bash is the machine's process (as nsenter does with its extra fork). This process is
-    // single-threaded and forks nothing else.
-    if let Some(index) = namespaces.iter().position(|(_, flag)| *flag == CloneFlags::CLONE_NEWPID) {
-        let (pid_ns, flag) = namespaces.remove(index);
-        setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
-    }
-    let keep_caps = bounding_set(running.leader_pid)?;
-    let machine_root =
-        File::open(format!("/proc/{}/root", running.leader_pid)).context("opening the machine's root")?;
+    let entry = Entry::open(running)?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
     let signals = crate::signals::stop_set();
@@ -108,31 +153,10 @@ pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<S
     blocked.add(Signal::SIGCHLD);
     blocked.thread_block().context("blocking signals")?;
 
-    let mut command = Command::new("/bin/bash");
-    command
-        .arg("-s")
-        .env_clear()
-        .env("PATH", SAFE_PATH)
-        .env("HOME", "/root")
-        .env("USER", "root")
-        .env("LOGNAME", "root")
-        .env("SHELL", "/bin/bash")
-        .env("LANG", "C.UTF-8")
-        // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
-        .stdin(Stdio::from(script_file))
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    // SAFETY: only async-signal-safe system calls run between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                use std::os::fd::AsFd;
-                // "0" moves the writing process; a failure only loses the limits, not the job.
-                let _ = nix::unistd::write(procs.as_fd(), b"0");
-            }
-            enter_machine(&namespaces, &machine_root, keep_caps)
-        });
-    }
+    let argv = ["/bin/bash".to_owned(), "-s".to_owned()];
+    let mut command = entry.command(&argv, true);
+    // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
+    command.stdin(Stdio::from(script_file));
     let child = command.spawn();
     let child = match child {
         Ok(child) => child,
@@ -147,10 +171,47 @@ pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<S
     outcome
 }
 
-/// In the forked child: join the machine, drop privileges it does not have, get a session.
-fn enter_machine(namespaces: &[(File, CloneFlags)], machine_root: &File, keep_caps: u64) -> std::io::Result<()> {
+/// Runs `command` (an interactive login shell when empty) as root inside the machine of
+/// `running`, on our terminal: stdin too is ours, `TERM` is passed on, and the keyboard's
+/// SIGINT and SIGQUIT are the shell's, not ours. Returns its exit code.
+pub fn open_shell(running: &Running, command: &[String]) -> Result<i32> {
+    let login = ["/bin/bash".to_owned(), "--login".to_owned()];
+    let argv = if command.is_empty() { &login[..] } else { command };
+    let mut child = Entry::open(running)?.command(argv, false);
+    child.stdin(Stdio::inherit());
+    if let Some(term) = std::env::var_os("TERM") {
+        child.env("TERM", term);
+    }
+    let ignore = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigIgn,
+        nix::sys::signal::SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: installing SIG_IGN, no handler code; the child puts the defaults back.
+    unsafe {
+        nix::sys::signal::sigaction(Signal::SIGINT, &ignore).context("ignoring SIGINT")?;
+        nix::sys::signal::sigaction(Signal::SIGQUIT, &ignore).context("ignoring SIGQUIT")?;
+    }
+    let status = child.status().with_context(|| format!("starting {} inside the machine", argv[0]))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1))
+}
+
+/// In the forked child: join the machine, drop privileges it does not have, get a session
+/// (`own_session`).
+fn enter_machine(
+    namespaces: &[(File, CloneFlags)],
+    machine_root: &File,
+    keep_caps: u64,
+    own_session: bool,
+) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
+    for signal in [Signal::SIGINT, Signal::SIGQUIT] {
+        // SAFETY: restoring a default disposition (a shell's parent ignores these).
+        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(std::io::Error::from)?;
+    }
     for (file, flag) in namespaces {
         setns(file.as_fd(), *flag).map_err(std::io::Error::from)?;
     }
@@ -171,6 +232,9 @@ fn enter_machine(namespaces: &[(File, CloneFlags)], machine_root: &File, keep_ca
             // SAFETY: prctl with integer arguments only.
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         }
+    }
+    if !own_session {
+        return Ok(());
     }
     // Its own session and process group: we decide when the script is signalled.
     nix::unistd::setsid().map(drop).map_err(std::io::Error::from)

@@ -16,7 +16,7 @@ use nspawn::{Bind, BootRoot, Nspawn};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use enter::{run_script, ScriptOutcome};
+pub use enter::{open_shell, run_script, ScriptOutcome};
 pub use running::{process_start_time, Machine, Running};
 
 /// Everything needed to boot one job's machine.
