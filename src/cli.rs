@@ -23,6 +23,7 @@ pub enum Command {
     InstallLinks(InstallLinks),
     Image(ImageCommand),
     Status(Status),
+    Shell(Shell),
     Toml(Toml),
 }
 
@@ -87,6 +88,15 @@ pub struct InstallLinks {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "status")]
 pub struct Status {}
+
+/// root shell in a job's machine (one kept after a failure, NSPAWN_RUNNER_KEEP_FAILED, or a running one)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "shell", example = "nspawn-runner shell 4711\nnspawn-runner shell 4711 -- cat /etc/hostname")]
+pub struct Shell {
+    /// job id, then optionally `-- CMD ARGS...` to run instead of an interactive login shell
+    #[argh(positional, greedy)]
+    pub args: Vec<String>,
+}
 
 /// print a [[runners]] snippet for gitlab-runner's config.toml
 #[derive(FromArgs, Debug)]

@@ -60,6 +60,13 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::InstallLinks(args) => admin::install_links(&args.dir, &STAGE_NAMES),
         Command::Status(_) => admin::status(),
+        Command::Shell(args) => {
+            let code = admin::shell(&args.args)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Toml(args) => admin::toml(&args.links),
         Command::Image(args) => admin::image::dispatch(args.command),
     }

@@ -60,6 +60,18 @@ pub struct Settings {
     /// Images whose maintenance rebuilds them from scratch instead of changing a copy.
     #[serde(default)]
     pub recreate: Option<String>,
+    /// `PATTERN=IMAGE,...`: job `image:` globs mapped to images before the Python runner's rule.
+    #[serde(default)]
+    pub image_aliases: Option<String>,
+    /// Globs a job's `image:` must match (none: any image).
+    #[serde(default)]
+    pub allowed_images: Option<String>,
+    /// The host's step-runner binary, bound into machines (default: `step-runner` from PATH).
+    #[serde(default)]
+    pub step_runner: Option<PathBuf>,
+    /// Minutes the machine of a failed job stays up after cleanup, for `shell` (0: none).
+    #[serde(default)]
+    pub keep_failed: u64,
 }
 
 fn default_root() -> PathBuf {
@@ -166,10 +178,17 @@ impl Settings {
 
     /// The host's gitlab-runner binary to bind into machines, if any.
     pub fn gitlab_runner_binary(&self) -> Option<PathBuf> {
-        match &self.gitlab_runner {
-            Some(path) => Some(path.clone()).filter(|p| p.is_file()),
-            None => find_in_path("gitlab-runner"),
-        }
+        host_binary(&self.gitlab_runner, "gitlab-runner")
+    }
+
+    /// The host's step-runner binary (CI Steps, `run:`) to bind into machines, if any.
+    pub fn step_runner_binary(&self) -> Option<PathBuf> {
+        host_binary(&self.step_runner, "step-runner")
+    }
+
+    /// How long cleanup leaves the machine of a failed job up (None: not at all).
+    pub fn keep_failed(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.keep_failed * 60)).filter(|d| !d.is_zero())
     }
 
     /// Creates the state dir (root-only) if needed.
@@ -180,6 +199,14 @@ impl Settings {
             .mode(0o700)
             .create(&self.state_dir)
             .with_context(|| format!("creating state dir {}", self.state_dir.display()))
+    }
+}
+
+/// The binary a setting names (if it is a file), or `program` from PATH.
+fn host_binary(setting: &Option<PathBuf>, program: &str) -> Option<PathBuf> {
+    match setting {
+        Some(path) => Some(path.clone()).filter(|p| p.is_file()),
+        None => find_in_path(program),
     }
 }
 

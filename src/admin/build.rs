@@ -8,8 +8,9 @@ use crate::store::{is_old_layout, Image};
 use std::path::Path;
 use std::process::Command;
 
-/// Packages every image gets: what a booted job machine and gitlab-runner's scripts need.
-const BASE_PACKAGES: [&str; 4] = ["systemd", "dbus", "git", "ca-certificates"];
+/// Packages every image gets: what a booted job machine and gitlab-runner's scripts need, and
+/// python3 for ansible's modules (as the Python nspawn-runner always included it).
+const BASE_PACKAGES: [&str; 5] = ["systemd", "dbus", "git", "ca-certificates", "python3"];
 
 /// Creates the image directory for a new image; an existing image is an error.
 pub fn new_image_dir(image: &Image) -> Result<()> {

@@ -228,7 +228,12 @@ fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Resu
 fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     let store = Store::open(settings)?;
     let states = StateDir::new(settings);
-    // Crashed jobs first: their leases end, so gc can free their snapshots too.
+    // Kept machines of failed jobs whose time is up, and crashed jobs first: their leases
+    // end, so gc can free their snapshots too.
+    let host = crate::machine::host(settings);
+    for job in crate::stages::cleanup::stop_expired_kept(settings, host.as_ref(), &store)? {
+        println!("stopped the kept machine of failed job {job}");
+    }
     for machine in leases::reap_crashed(&store, &states)? {
         println!("reaped leftovers of {machine}");
     }

@@ -196,18 +196,35 @@ pub fn run_configured_steps(settings: &Settings, tx: &Transaction, default_upgra
         run_in_tree_checked(&tree_command(tx.tree(), &command, vec![]))?;
     }
     if let Some(playbook) = playbook {
-        run_playbook(tx.tree(), &playbook)?;
+        run_playbook(tx.tree(), name, &playbook)?;
     }
     Ok(())
 }
 
+/// Where ansible's modules expect the interpreter inside the tree.
+const PYTHON_IN_TREE: &str = "usr/bin/python3";
+
+/// Fails when the tree has no python3, before ansible fails somewhere inside with `python: not found`.
+fn require_python(tree: &Path, name: &ImageName) -> Result<()> {
+    // symlink_metadata: the link itself (python3 -> python3.x) is in the tree; its target need
+    // not be resolved against the host.
+    if std::fs::symlink_metadata(tree.join(PYTHON_IN_TREE)).is_ok() {
+        return Ok(());
+    }
+    Err(Error::new(format!(
+        "image {name} has no /{PYTHON_IN_TREE}, which its ansible playbook needs: install python3 in a hook \
+         ({name}.d/) or with `nspawn-runner image maintain {name} -- apt-get install -y python3`"
+    )))
+}
+
 /// Runs an ansible playbook against the tree through ansible's chroot connection, with this
 /// binary (as `nspawn-runner-chroot`) as the chroot executable, so tasks run under nspawn.
-fn run_playbook(tree: &Path, playbook: &Path) -> Result<()> {
+fn run_playbook(tree: &Path, name: &ImageName, playbook: &Path) -> Result<()> {
     let Some(ansible) = find_in_path("ansible-playbook") else {
         log::warn!("{} exists but ansible-playbook is not installed: skipped", playbook.display());
         return Ok(());
     };
+    require_python(tree, name)?;
     let work = std::env::temp_dir().join(format!("nspawn-runner-ansible-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let result = (|| {
@@ -258,6 +275,19 @@ mod tests {
         std::fs::write(tree.join("usr/lib/os-release"), "NAME=\"Debian\"\nVERSION_CODENAME=bookworm\n").unwrap();
         std::os::unix::fs::symlink("../usr/lib/os-release", tree.join("etc/os-release")).unwrap();
         assert_eq!(debian_codename(&tree).as_deref(), Some("bookworm"));
+        std::fs::remove_dir_all(&tree).unwrap();
+    }
+
+    #[test]
+    fn playbooks_need_python3_in_the_tree() {
+        let tree = std::env::temp_dir().join(format!("nspawn-runner-python-{}", std::process::id()));
+        let name = ImageName::parse("img").unwrap();
+        std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        let e = require_python(&tree, &name).unwrap_err().to_string();
+        assert!(e.contains("image img has no /usr/bin/python3") && !e.contains('\n'), "{e}");
+        // a relative link into the tree counts, whatever the host has
+        std::os::unix::fs::symlink("python3.11", tree.join("usr/bin/python3")).unwrap();
+        assert!(require_python(&tree, &name).is_ok());
         std::fs::remove_dir_all(&tree).unwrap();
     }
 

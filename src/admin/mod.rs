@@ -7,7 +7,8 @@ mod maintain;
 pub use maintain::{chroot_exe, CHROOT_EXE_NAME};
 
 use crate::error::{Context, Error, Result};
-use crate::jobs::state::StateDir;
+use crate::jobs::state::{unix_now, StateDir};
+use crate::names::JobId;
 use crate::settings::Settings;
 use std::path::Path;
 
@@ -35,18 +36,46 @@ pub fn status() -> Result<()> {
         return Ok(());
     }
     println!("{:<12} {:<16} {:<20} {:<24} {:<8} unit", "job", "machine", "image", "snapshot", "state");
+    let now = unix_now();
     for (state, busy) in states {
+        let condition = match (state.condition(busy), state.kept_until) {
+            ("kept", Some(until)) => format!("kept, {}m left", until.saturating_sub(now).div_ceil(60)),
+            (condition, _) => condition.to_owned(),
+        };
         println!(
             "{:<12} {:<16} {:<20} {:<24} {:<8} {}",
             state.job_id,
             state.machine.name,
             state.image,
             state.snapshot,
-            state.condition(busy),
+            condition,
             state.machine.unit.as_deref().unwrap_or("-")
         );
     }
     Ok(())
+}
+
+/// `shell JOB [-- CMD...]`: a root shell (or CMD) in the job's machine; returns its exit code.
+pub fn shell(args: &[String]) -> Result<i32> {
+    let (job, command) = args.split_first().ok_or_else(|| Error::new("give a job id"))?;
+    let job = JobId::parse(job)?;
+    // argh keeps the `--` that separates the command from the job id.
+    let command = match command.split_first() {
+        None => command,
+        Some((dashes, rest)) if dashes == "--" => rest,
+        Some((stray, _)) => return Err(Error::new(format!("unexpected {stray:?}: put a command after `--`"))),
+    };
+    let settings = Settings::from_env()?;
+    let state = StateDir::new(&settings)
+        .load(&job)?
+        .ok_or_else(|| Error::new(format!("job {job} has no machine (not running, not kept)")))?;
+    let running = state
+        .machine
+        .running
+        .as_ref()
+        .filter(|r| r.leader_alive())
+        .ok_or_else(|| Error::new(format!("job {job}: machine {} is not running", state.machine.name)))?;
+    crate::machine::open_shell(running, &StateDir::new(&settings).seccomp_path(&job), command)
 }
 
 /// The `[[runners]]` snippet for config.toml, pointing at the stage symlinks in `links`.

@@ -1,7 +1,7 @@
 //! What gitlab-runner tells a stage about the job: `CUSTOM_ENV_*` and the exit-code variables.
 
 use crate::error::{Error, Result};
-use crate::names::{ImageName, JobId};
+use crate::names::JobId;
 use once_cell::sync::Lazy;
 use serde::Deserialize;
 
@@ -30,14 +30,6 @@ impl JobEnv {
         match override_id.or(self.job_id.as_deref()) {
             Some(id) => JobId::parse(id),
             None => Err(Error::new("no job id: CUSTOM_ENV_CI_JOB_ID is not set (use --job-id by hand)")),
-        }
-    }
-
-    /// The image: `override_image` (from the command line) or the job's `image:`, mapped.
-    pub fn image(&self, override_image: Option<&str>, default_image: &str) -> Result<ImageName> {
-        match override_image {
-            Some(name) => ImageName::parse(name),
-            None => ImageName::from_job_image(self.job_image.as_deref().unwrap_or(""), default_image),
         }
     }
 }
@@ -87,8 +79,7 @@ mod tests {
         .unwrap();
         assert_eq!(env.job_id(None).unwrap().as_str(), "4711");
         assert_eq!(env.job_id(Some("5")).unwrap().as_str(), "5");
-        assert_eq!(env.image(None, "default").unwrap().as_str(), "debian-trixie");
-        assert_eq!(env.image(Some("other"), "default").unwrap().as_str(), "other");
+        assert_eq!(env.job_image.as_deref(), Some("debian:trixie"));
     }
 
     #[test]
@@ -97,7 +88,6 @@ mod tests {
         assert!(env.job_id(None).is_err());
         let env = JobEnv::from_vars(vars(&[("CUSTOM_ENV_CI_JOB_ID", "1/2")])).unwrap();
         assert!(env.job_id(None).is_err());
-        assert_eq!(env.image(None, "bookworm").unwrap().as_str(), "bookworm");
     }
 
     #[test]

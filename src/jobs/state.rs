@@ -27,6 +27,9 @@ pub enum Phase {
     Running,
     /// cleanup is stopping the machine and deleting what the job left.
     Stopping,
+    /// The job failed and cleanup left its machine up for debugging (NSPAWN_RUNNER_KEEP_FAILED)
+    /// until `kept_until`; gc (or the next cleanup) stops it after that.
+    Kept,
 }
 
 impl Phase {
@@ -36,6 +39,7 @@ impl Phase {
             Phase::Booting => "booting",
             Phase::Running => "running",
             Phase::Stopping => "stopping",
+            Phase::Kept => "kept",
         }
     }
 }
@@ -56,6 +60,12 @@ pub struct JobState {
     pub job_dir: Option<PathBuf>,
     #[serde(default)]
     pub phase: Phase,
+    /// A run stage of the job's own scripts failed (a build failure).
+    #[serde(default)]
+    pub failed: bool,
+    /// Kept machines: when (unix seconds) gc may stop them.
+    #[serde(default)]
+    pub kept_until: Option<u64>,
 }
 
 /// The state files of one state dir.
@@ -168,7 +178,17 @@ impl JobState {
     /// The record of job `job_id` pinned to `snapshot`, before anything is started.
     pub fn pinned(job_id: JobId, store: PathBuf, image: ImageName, snapshot: SnapshotName) -> JobState {
         let machine = Machine::new(job_id.machine_name());
-        JobState { job_id, machine, store, image, snapshot, job_dir: None, phase: Phase::Pinned }
+        JobState {
+            job_id,
+            machine,
+            store,
+            image,
+            snapshot,
+            job_dir: None,
+            phase: Phase::Pinned,
+            failed: false,
+            kept_until: None,
+        }
     }
 
     /// True while the job may still use its snapshot: its machine runs, or prepare/cleanup
@@ -183,12 +203,28 @@ impl JobState {
         if busy {
             self.phase.as_str()
         } else if self.machine.is_up() {
-            "running"
+            if self.phase == Phase::Kept {
+                "kept"
+            } else {
+                "running"
+            }
         } else if self.machine.running.is_some() {
             "dead"
         } else {
             "crashed"
         }
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl JobState {
+    /// True for a machine kept after a failure whose time is up (at unix time `now`).
+    pub fn kept_expired(&self, now: u64) -> bool {
+        self.phase == Phase::Kept && self.kept_until.is_none_or(|until| until <= now)
     }
 }
 
@@ -235,6 +271,20 @@ mod tests {
         let state: JobState = serde_json::from_str(old).unwrap();
         assert_eq!((state.machine.name.as_str(), state.phase), ("run-42", Phase::Booting));
         assert_eq!(state.condition(false), "crashed");
+        assert!(!state.failed && state.kept_until.is_none());
+    }
+
+    #[test]
+    fn kept_machines_expire() {
+        let mut state = record();
+        assert!(!state.kept_expired(100));
+        state.phase = Phase::Kept;
+        state.kept_until = Some(100);
+        assert!(!state.kept_expired(99) && state.kept_expired(100));
+        state.kept_until = None;
+        assert!(state.kept_expired(0));
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<JobState>(&json).unwrap(), state);
     }
 
     #[test]

@@ -81,29 +81,59 @@ struct Entry {
     filters: Filters,
 }
 
+impl Entry {
+    /// Gathers what the machine's init has (its seccomp filters from `seccomp`, see
+    /// `machine_filters`), and joins its pid namespace here, so the forked child is the
+    /// machine's process (as nsenter does with its extra fork). This process is
+    /// single-threaded and forks nothing else.
+    fn open(running: &Running, seccomp: &Path) -> Result<Entry> {
+        let leader = running.leader_pid;
+        let mut entry = Entry {
+            cgroups: privileges::open_cgroups_of(leader)?,
+            limits: Limits::of(leader)?,
+            namespaces: open_namespaces(leader)?,
+            root: File::open(format!("/proc/{leader}/root")).context("opening the machine's root")?,
+            capabilities: Capabilities::of(leader)?,
+            filters: machine_filters(running, seccomp)?,
+        };
+        if let Some(index) = entry.namespaces.iter().position(|(_, flag)| *flag == CloneFlags::CLONE_NEWPID) {
+            let (pid_ns, flag) = entry.namespaces.remove(index);
+            setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
+        }
+        Ok(entry)
+    }
+
+    /// `argv` to run as root inside the machine, in a clean environment, with our stdout and
+    /// stderr; in a session of its own when `own_session` (else in our terminal's session).
+    fn command(self, argv: &[String], own_session: bool) -> Command {
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .env_clear()
+            .env("PATH", SAFE_PATH)
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("LOGNAME", "root")
+            .env("SHELL", "/bin/bash")
+            .env("LANG", "C.UTF-8")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe system calls run between fork and exec.
+        unsafe {
+            command.pre_exec(move || enter_machine(&self, own_session));
+        }
+        command
+    }
+}
+
 /// Runs `script` with bash as root inside the machine of `running`, in a clean environment,
 /// with our stdout/stderr, on either kind of host. The script gets what the machine's init has:
 /// its cgroups, rlimits, namespaces, root, capability sets, NoNewPrivs and seccomp filters
 /// (those prepare saved at `seccomp`), and no file descriptor of ours but stdio. On
 /// SIGTERM/SIGINT/SIGHUP the script's process group gets SIGTERM, then SIGKILL after `grace`.
 pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Duration) -> Result<ScriptOutcome> {
-    let leader = running.leader_pid;
     let script_file = File::open(script).with_context(|| format!("opening script {}", script.display()))?;
-    let mut entry = Entry {
-        cgroups: privileges::open_cgroups_of(leader)?,
-        limits: Limits::of(leader)?,
-        namespaces: open_namespaces(leader)?,
-        root: File::open(format!("/proc/{leader}/root")).context("opening the machine's root")?,
-        capabilities: Capabilities::of(leader)?,
-        filters: machine_filters(running, seccomp)?,
-    };
-    // A pid namespace applies to the children of whoever joins it: join it here, so the forked
-    // bash is the machine's process (as nsenter does with its extra fork). This process is
-    // single-threaded and forks nothing else.
-    if let Some(index) = entry.namespaces.iter().position(|(_, flag)| *flag == CloneFlags::CLONE_NEWPID) {
-        let (pid_ns, flag) = entry.namespaces.remove(index);
-        setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
-    }
+    let entry = Entry::open(running, seccomp)?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
     let signals = crate::signals::stop_set();
@@ -111,24 +141,10 @@ pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Durat
     blocked.add(Signal::SIGCHLD);
     blocked.thread_block().context("blocking signals")?;
 
-    let mut command = Command::new("/bin/bash");
-    command
-        .arg("-s")
-        .env_clear()
-        .env("PATH", SAFE_PATH)
-        .env("HOME", "/root")
-        .env("USER", "root")
-        .env("LOGNAME", "root")
-        .env("SHELL", "/bin/bash")
-        .env("LANG", "C.UTF-8")
-        // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
-        .stdin(Stdio::from(script_file))
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    // SAFETY: only async-signal-safe system calls run between fork and exec.
-    unsafe {
-        command.pre_exec(move || enter_machine(&entry));
-    }
+    let argv = ["/bin/bash".to_owned(), "-s".to_owned()];
+    let mut command = entry.command(&argv, true);
+    // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
+    command.stdin(Stdio::from(script_file));
     let child = command.spawn();
     let child = match child {
         Ok(child) => child,
@@ -143,15 +159,48 @@ pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Durat
     outcome
 }
 
+/// Runs `command` (an interactive login shell when empty) as root inside the machine of
+/// `running`, with what an entered script gets, on our terminal: stdin too is ours, `TERM` is
+/// passed on, and the keyboard's SIGINT and SIGQUIT are the shell's, not ours. Returns its
+/// exit code.
+pub fn open_shell(running: &Running, seccomp: &Path, command: &[String]) -> Result<i32> {
+    let login = ["/bin/bash".to_owned(), "--login".to_owned()];
+    let argv = if command.is_empty() { &login[..] } else { command };
+    let mut child = Entry::open(running, seccomp)?.command(argv, false);
+    child.stdin(Stdio::inherit());
+    if let Some(term) = std::env::var_os("TERM") {
+        child.env("TERM", term);
+    }
+    let ignore = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigIgn,
+        nix::sys::signal::SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: installing SIG_IGN, no handler code; the child puts the defaults back.
+    unsafe {
+        nix::sys::signal::sigaction(Signal::SIGINT, &ignore).context("ignoring SIGINT")?;
+        nix::sys::signal::sigaction(Signal::SIGQUIT, &ignore).context("ignoring SIGQUIT")?;
+    }
+    let status = child.status().with_context(|| format!("starting {} inside the machine", argv[0]))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1))
+}
+
 /// In the forked child, in the order of runc's setns init and LXC's attach: become
 /// non-dumpable (no machine process may ptrace us while we hold host descriptors), join the
 /// machine's cgroups, take its rlimits, join its namespaces (user last) as its root, enter its
 /// root directory, get a session, take its capabilities and NoNewPrivs, mark every descriptor
-/// but stdio close-on-exec, and load its seccomp filters last.
-fn enter_machine(entry: &Entry) -> std::io::Result<()> {
+/// but stdio close-on-exec, and load its seccomp filters last. Without `own_session` it stays
+/// in our terminal's session (an interactive shell).
+fn enter_machine(entry: &Entry, own_session: bool) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
     SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
+    for signal in [Signal::SIGINT, Signal::SIGQUIT] {
+        // SAFETY: restoring a default disposition (a shell's parent ignores these).
+        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(std::io::Error::from)?;
+    }
     // SAFETY (all blocks below): system calls with integer arguments or valid pointers.
     check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
     for procs in &entry.cgroups {
@@ -177,7 +226,9 @@ fn enter_machine(entry: &Entry) -> std::io::Result<()> {
         return Err(std::io::Error::other("could not enter the machine's root directory"));
     }
     // Its own session and process group: we decide when the script is signalled.
-    nix::unistd::setsid().map_err(std::io::Error::from)?;
+    if own_session {
+        nix::unistd::setsid().map_err(std::io::Error::from)?;
+    }
     entry.capabilities.apply()?;
     // Whatever gitlab-runner or we left open (namespaces, cgroups, the machine's root) closes
     // at exec; std's own exec-error pipe already is close-on-exec.

@@ -18,7 +18,7 @@ use nspawn::{Bind, BootRoot, Nspawn};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use enter::{capture_seccomp, run_script, ScriptOutcome};
+pub use enter::{capture_seccomp, open_shell, run_script, ScriptOutcome};
 pub use running::{process_start_time, Machine, Running};
 
 /// Everything needed to boot one job's machine.
@@ -187,6 +187,7 @@ mod tests {
         assert!(args.contains(&"--register=no".to_owned()));
         assert!(args.contains(&"--machine=run-7".to_owned()));
         assert!(args.contains(&"--notify-ready=yes".to_owned()));
+        assert!(args.contains(&"--suppress-sync=yes".to_owned()));
         assert!(!args.iter().any(|a| a.starts_with("--overlay")));
     }
 

@@ -54,9 +54,13 @@ pub struct Nspawn {
 }
 
 impl Nspawn {
-    /// `--quiet --directory=TREE`: what every use starts from.
+    /// `--quiet --directory=TREE --suppress-sync=yes`: what every use starts from. Syncs are
+    /// suppressed everywhere: job machines are thrown away, and a maintained tree is synced as
+    /// a whole (syncfs) before a transaction commits it. Every supported host has systemd >= 250,
+    /// which has the option (Debian 12: 252, Debian 13: 257).
     pub fn new(tree: &Path) -> Nspawn {
-        Nspawn { args: vec!["--quiet".to_owned(), format!("--directory={}", tree.display())] }
+        let directory = format!("--directory={}", tree.display());
+        Nspawn { args: vec!["--quiet".to_owned(), directory, "--suppress-sync=yes".to_owned()] }
     }
 
     /// A booted job machine `machine` on `tree`, thrown away when it stops.
@@ -138,7 +142,7 @@ mod tests {
     fn a_command_follows_a_double_dash() {
         let command = ["true".to_owned()];
         let args = Nspawn::new(Path::new("/t")).flag("--x").with_command(&command);
-        assert_eq!(args, ["--quiet", "--directory=/t", "--x", "--", "true"]);
+        assert_eq!(args, ["--quiet", "--directory=/t", "--suppress-sync=yes", "--x", "--", "true"]);
     }
 
     #[test]

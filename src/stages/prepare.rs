@@ -15,13 +15,17 @@ use std::os::unix::fs::DirBuilderExt;
 
 /// Where the host's gitlab-runner binary appears in machines (first in their PATH).
 const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
+/// Where the host's step-runner appears: gitlab-runner runs CI Steps (`run:`) with the
+/// `step-runner` it finds in the PATH of the job's environment.
+const STEP_RUNNER_IN_MACHINE: &str = "/usr/local/bin/step-runner";
 
 pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
-    let image_name = ctx.env.image(image_override, &ctx.settings.default_image)?;
+    let choice = crate::jobs::image::choose(image_override, ctx.env.job_image.as_deref(), &ctx.settings)?;
     // Everything that can be checked without writing is checked first: bad input changes nothing.
     let store = Store::open(&ctx.settings)?;
+    store.image(&choice.name).current().map_err(|e| e.context(&choice.how))?;
     let host = machine::host(&ctx.settings);
-    prepare_job(ctx, &store, host.as_ref(), &image_name)
+    prepare_job(ctx, &store, host.as_ref(), &choice.name)
 }
 
 /// prepare of `image_name` from `store` on `host`, step by step; a failed step undoes the
@@ -149,11 +153,13 @@ impl Drop for Attempt<'_> {
     }
 }
 
-/// What every job machine gets mounted: the cache, and the host's gitlab-runner if there is one.
+/// What every job machine gets mounted: the cache, and the host's gitlab-runner and
+/// step-runner where there are.
 fn job_binds(settings: &Settings) -> Vec<Bind> {
     let cache = Bind::read_write(&settings.cache_dir, CACHE_DIR_IN_MACHINE);
     let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
-    std::iter::once(cache).chain(gitlab_runner).collect()
+    let step_runner = settings.step_runner_binary().map(|binary| Bind::read_only(binary, STEP_RUNNER_IN_MACHINE));
+    std::iter::once(cache).chain(gitlab_runner).chain(step_runner).collect()
 }
 
 fn make_cache_dir(settings: &Settings) -> Result<()> {
