@@ -12,3 +12,4 @@ pub mod settings;
 pub mod signals;
 pub mod stages;
 pub mod store;
+pub mod suggest;
