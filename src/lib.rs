@@ -6,6 +6,7 @@ pub mod cli;
 pub mod error;
 pub mod jobs;
 pub mod lock;
+pub mod logging;
 pub mod machine;
 pub mod names;
 pub mod settings;
