@@ -640,7 +640,7 @@ fi
 if want purge; then
     # The upgrade path (same version: preinst/prerm/postrm "upgrade",
     # postinst "configure OLD"): the store and a changed conffile survive.
-    echo "# changed by deb-check" >> "$ROOTFS/etc/default/nspawn-runner"
+    echo "# changed by deb-check" >> "$ROOTFS/etc/nspawn-runner/settings"
     images_before="$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')"
     log "apt-get install --reinstall (upgrade path), then apt-get remove"
     if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall --no-install-recommends "$1"' sh "$DEB_IN" \
@@ -649,8 +649,8 @@ if want purge; then
     else
         tail -20 "$WORK/apt-reinstall.log" >&2; fail "apt-get install --reinstall failed"
     fi
-    grep -q '^# changed by deb-check' "$ROOTFS/etc/default/nspawn-runner" \
-        && pass "the changed conffile /etc/default/nspawn-runner is kept" || fail "the changed conffile was replaced"
+    grep -q '^# changed by deb-check' "$ROOTFS/etc/nspawn-runner/settings" \
+        && pass "the changed conffile /etc/nspawn-runner/settings is kept" || fail "the changed conffile was replaced"
     [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
         && pass "the image store survives the upgrade (${images_before:-empty})" || fail "the image store changed in the upgrade"
     # remove keeps the store and the conffile; purge takes them.
@@ -679,6 +679,35 @@ if want purge; then
         fail "files left or lost by install+purge (see above)"
     fi
     ! in_root test -e /run/nspawn-runner && pass "/run/nspawn-runner removed" || fail "/run/nspawn-runner left"
+
+    # Purge with the store on a btrfs file system that is still mounted (the
+    # quickstart's layout): snapshots are subvolumes, one with a nested one.
+    if [ "${DEB_CHECK_BTRFS:-1}" = 1 ]; then
+        log "[btrfs] install again, purge with a mounted btrfs store"
+        if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1"' sh "$DEB_IN" \
+            > "$WORK/apt-install-btrfs.log" 2>&1 \
+            && in_root sh -ec '
+                truncate -s 1G /var/tmp/deb-check-purge.btrfs
+                mkfs.btrfs -q /var/tmp/deb-check-purge.btrfs
+                mount -o loop /var/tmp/deb-check-purge.btrfs /var/lib/nspawn-runner
+                mkdir /var/lib/nspawn-runner/img
+                btrfs -q subvolume create /var/lib/nspawn-runner/img/1_1
+                mkdir -p /var/lib/nspawn-runner/img/1_1/var/lib
+                btrfs -q subvolume create /var/lib/nspawn-runner/img/1_1/var/lib/machines
+                ln -s 1_1 /var/lib/nspawn-runner/img/current' > "$WORK/btrfs-purge-setup.log" 2>&1; then
+            in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q nspawn-runner' > "$WORK/apt-purge-btrfs.log" 2>&1 \
+                && pass "[btrfs] apt-get purge with a mounted btrfs store" \
+                || { tail -20 "$WORK/apt-purge-btrfs.log" >&2; fail "[btrfs] apt-get purge failed with a mounted btrfs store"; }
+            [ -z "$(in_root ls -A /var/lib/nspawn-runner)" ] \
+                && pass "[btrfs] purge emptied the mounted store (subvolumes deleted)" || fail "[btrfs] purge left files in the mounted store"
+            grep -q 'left mounted' "$WORK/apt-purge-btrfs.log" \
+                && pass "[btrfs] purge says it left the store mounted" || fail "[btrfs] purge did not say the store stays mounted"
+            in_root sh -c 'umount /var/lib/nspawn-runner && rm -f /var/tmp/deb-check-purge.btrfs && rmdir /var/lib/nspawn-runner 2>/dev/null; true'
+        else
+            cat "$WORK/btrfs-purge-setup.log" >&2
+            fail "[btrfs] could not set up the purge case"
+        fi
+    fi
 fi
 
 stop_testroot

@@ -214,8 +214,9 @@ fn run_playbook(tree: &Path, playbook: &Path) -> Result<()> {
         log::warn!("{} exists but ansible-playbook is not installed: skipped", playbook.display());
         return Ok(());
     };
-    let work = std::env::temp_dir().join(format!("nspawn-runner-ansible-{}", std::process::id()));
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // An unpredictable name, made mode 0700 by mkdtemp: nobody can plant an inventory in it.
+    let template = std::env::temp_dir().join("nspawn-runner-ansible-XXXXXX");
+    let work = nix::unistd::mkdtemp(&template).with_context(|| format!("creating {}", template.display()))?;
     let result = (|| {
         let chroot_exe = work.join(CHROOT_EXE_NAME);
         std::os::unix::fs::symlink(std::env::current_exe().context("locating this binary")?, &chroot_exe)
