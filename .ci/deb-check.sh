@@ -641,7 +641,7 @@ if want purge; then
     # The upgrade path (same version: preinst/prerm/postrm "upgrade",
     # postinst "configure OLD"): the store and a changed conffile survive.
     echo "# changed by deb-check" >> "$ROOTFS/etc/nspawn-runner/settings"
-    images_before="$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')"
+    images_before="$(store_ls /var/lib/nspawn-runner | { grep -v '^\.' || true; } | tr '\n' ' ')"
     log "apt-get install --reinstall (upgrade path), then apt-get remove"
     if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall --no-install-recommends "$1"' sh "$DEB_IN" \
         > "$WORK/apt-reinstall.log" 2>&1; then
@@ -651,7 +651,7 @@ if want purge; then
     fi
     grep -q '^# changed by deb-check' "$ROOTFS/etc/nspawn-runner/settings" \
         && pass "the changed conffile /etc/nspawn-runner/settings is kept" || fail "the changed conffile was replaced"
-    [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
+    [ "$(store_ls /var/lib/nspawn-runner | { grep -v '^\.' || true; } | tr '\n' ' ')" = "$images_before" ] \
         && pass "the image store survives the upgrade (${images_before:-empty})" || fail "the image store changed in the upgrade"
     # remove keeps the store and the conffile; purge takes them.
     if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get remove -y -q nspawn-runner' > "$WORK/apt-remove.log" 2>&1; then
@@ -663,7 +663,7 @@ if want purge; then
     [ "$st" = config-files ] && pass "dpkg: nspawn-runner config-files after remove" || fail "dpkg status after remove: $st"
     [ ! -e "$ROOTFS/usr/bin/nspawn-runner" ] && [ ! -e "$ROOTFS/usr/lib/nspawn-runner" ] \
         && pass "remove took the binary and the stage links" || fail "remove left the binary or the stage links"
-    [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
+    [ "$(store_ls /var/lib/nspawn-runner | { grep -v '^\.' || true; } | tr '\n' ' ')" = "$images_before" ] \
         && pass "remove keeps the image store" || fail "remove changed the image store"
 
     log "apt-get purge nspawn-runner"
