@@ -1,6 +1,6 @@
 //! `image maintain`: hooks, a playbook, a script or a command run in a new snapshot, then commit.
 
-use super::build::{bootstrap, collect, new_image_dir};
+use super::build::{bootstrap, collect, new_image_dir, suite_for};
 use crate::cli::ImageMaintain;
 use crate::error::{Context, Error, Result};
 use crate::machine::chroot::{run_in_tree_checked, TreeCommand};
@@ -41,6 +41,12 @@ pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
     let name = ImageName::parse(name)?;
     // argh keeps the `--` that separates the command from our options.
     let separated = command.first().is_some_and(|a| a == "--");
+    if !command.is_empty() && !separated {
+        return Err(Error::new(format!(
+            "unexpected {:?} after the image name: put a command after `--` (image maintain {name} -- CMD ARGS...)",
+            command.join(" ")
+        )));
+    }
     let command = if separated { &command[1..] } else { command };
     let work = match (command.is_empty(), args.script) {
         (false, Some(_)) => return Err(Error::new("give either --script or a command, not both")),
@@ -63,7 +69,7 @@ fn maintain_all(settings: &Settings) -> Result<()> {
     let mut failed = Vec::new();
     for name in &names {
         if let Err(e) = maintain_one(settings, name, &Work::Configured) {
-            eprintln!("nspawn-runner: {e}");
+            log::error!("{e}");
             failed.push(name.to_string());
         }
     }
@@ -106,7 +112,7 @@ fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()
             Work::Configured if !created && settings.recreates(name.as_str()) => {
                 Some(debian_codename(&image.snapshot_path(&image.current()?)).unwrap_or_else(|| settings.suite.clone()))
             }
-            _ if created => Some(settings.suite.clone()),
+            _ if created => Some(suite_for(name.as_str(), settings)),
             _ => None,
         };
         let tx = Transaction::begin(&image, if rebuild_suite.is_some() { Base::Empty } else { Base::Current })?;
@@ -225,8 +231,9 @@ fn run_playbook(tree: &Path, name: &ImageName, playbook: &Path) -> Result<()> {
         return Ok(());
     };
     require_python(tree, name)?;
-    let work = std::env::temp_dir().join(format!("nspawn-runner-ansible-{}", std::process::id()));
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // An unpredictable name, made mode 0700 by mkdtemp: nobody can plant an inventory in it.
+    let template = std::env::temp_dir().join("nspawn-runner-ansible-XXXXXX");
+    let work = nix::unistd::mkdtemp(&template).with_context(|| format!("creating {}", template.display()))?;
     let result = (|| {
         let chroot_exe = work.join(CHROOT_EXE_NAME);
         std::os::unix::fs::symlink(std::env::current_exe().context("locating this binary")?, &chroot_exe)

@@ -85,6 +85,7 @@ fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
             upper = spec.job_dir.clone().unwrap_or_default().join("upper");
             BootRoot::Overlay { upper: &upper }
         }
+        JobRoot::Volatile => BootRoot::Volatile,
     };
     Nspawn::boot(&spec.machine, &spec.tree, root, register).binds(&spec.binds).into_args()
 }
@@ -117,7 +118,7 @@ fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Res
     };
     let ephemeral = match spec.root {
         JobRoot::EphemeralSnapshot => find_ephemeral_copy(leader_pid, &spec.tree)?,
-        JobRoot::Overlay => None,
+        JobRoot::Overlay | JobRoot::Volatile => None,
     };
     Ok(Running {
         nspawn_pid,

@@ -44,6 +44,8 @@ pub enum BootRoot<'a> {
     Ephemeral,
     /// `--overlay=TREE:UPPER:/`: the job's writes go to `upper`.
     Overlay { upper: &'a Path },
+    /// `--volatile=overlay`: the job's writes go to a tmpfs.
+    Volatile,
 }
 
 /// systemd-nspawn's arguments, built option by option. Every option is `--name` or
@@ -80,6 +82,7 @@ impl Nspawn {
                 let value = format!("{}:{}:/", escape(tree), escape(upper));
                 nspawn.option("--overlay", &value)
             }
+            BootRoot::Volatile => nspawn.option("--volatile", "overlay"),
         }
     }
 

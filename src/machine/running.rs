@@ -52,6 +52,16 @@ impl Running {
     pub fn nspawn_alive(&self) -> bool {
         process_start_time(self.nspawn_pid) == Some(self.nspawn_start_time)
     }
+
+    /// How long ago the machine was started (its nspawn process), by the boot-time clock.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0)?;
+        let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+        let uptime: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+        let started = self.nspawn_start_time as f64 / ticks_per_second as f64;
+        Some(std::time::Duration::from_secs_f64((uptime - started).max(0.0)))
+    }
 }
 
 /// The start time (field 22 of /proc/PID/stat, in clock ticks since boot) of a live process.
@@ -78,5 +88,15 @@ mod tests {
         let t = process_start_time(me).unwrap();
         assert_eq!(process_start_time(me), Some(t));
         assert_eq!(process_start_time(i32::MAX), None);
+        let running = Running {
+            nspawn_pid: me,
+            nspawn_start_time: t,
+            leader_pid: me,
+            leader_start_time: t,
+            ephemeral: None,
+            cgroup: None,
+        };
+        let age = running.age().unwrap();
+        assert!(age < std::time::Duration::from_secs(24 * 3600), "this test process started {age:?} ago");
     }
 }

@@ -8,7 +8,7 @@ use crate::lock::Mode;
 use crate::machine::nspawn::Bind;
 use crate::machine::{self, Host, MachineSpec};
 use crate::names::ImageName;
-use crate::settings::{Settings, CACHE_DIR_IN_MACHINE};
+use crate::settings::{ImageSettings, RootKind, Settings, CACHE_DIR_IN_MACHINE};
 use crate::store::backend::JobRoot;
 use crate::store::{Image, Store};
 use std::os::unix::fs::DirBuilderExt;
@@ -33,13 +33,19 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
 pub fn prepare_job(ctx: &JobContext, store: &Store, host: &dyn Host, image_name: &ImageName) -> Result<()> {
     let image = store.image(image_name);
     image.current()?;
+    let image_settings = ImageSettings::load(&ctx.settings.config_dir, image_name)?;
+    let plan = JobPlan {
+        root: job_root(store, &image_settings)?,
+        binds: job_binds(&ctx.settings, &image_settings)?,
+        properties: ctx.settings.unit_properties(&image_settings),
+    };
     // A SIGTERM (prepare timeout, cancel) must not leave a machine booting with nobody to stop it.
     let _deferred = crate::signals::Deferred::block();
     ctx.settings.ensure_state_dir()?;
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
     clean_earlier_attempt(ctx, store, host)?;
-    let state =
-        boot_pinned_machine(ctx, store, host, &image).map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
+    let state = boot_pinned_machine(ctx, store, host, &image, plan)
+        .map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
     println!(
         "nspawn-runner: machine {} is up: image {image_name}, snapshot {} ({} store)",
         state.machine.name,
@@ -60,12 +66,41 @@ fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Re
     }
 }
 
+/// How the job's machine is made, from the settings and the image's settings.
+struct JobPlan {
+    root: JobRoot,
+    binds: Vec<Bind>,
+    properties: Vec<String>,
+}
+
+/// The job root the image asks for (`root=` in its settings), else the store's own.
+fn job_root(store: &Store, image: &ImageSettings) -> Result<JobRoot> {
+    let default = store.backend().job_root();
+    match image.root {
+        None => Ok(default),
+        Some(RootKind::Snapshot) if default == JobRoot::EphemeralSnapshot => Ok(default),
+        Some(RootKind::Snapshot) => Err(Error::new(format!(
+            "root=snapshot needs a btrfs store, and {} is {}",
+            store.root().display(),
+            store.backend().name()
+        ))),
+        Some(RootKind::Overlay) => Ok(JobRoot::Overlay),
+        Some(RootKind::Volatile) => Ok(JobRoot::Volatile),
+    }
+}
+
 /// The steps that leave something behind, each undone by `Attempt` if a later one fails.
-fn boot_pinned_machine(ctx: &JobContext, store: &Store, host: &dyn Host, image: &Image) -> Result<JobState> {
+fn boot_pinned_machine(
+    ctx: &JobContext,
+    store: &Store,
+    host: &dyn Host,
+    image: &Image,
+    plan: JobPlan,
+) -> Result<JobState> {
     let mut attempt = Attempt::pin(ctx, store, host, image)?;
-    attempt.make_job_dir(image)?;
+    attempt.make_job_dir(image, plan.root)?;
     make_cache_dir(&ctx.settings)?;
-    attempt.start_machine(image)?;
+    attempt.start_machine(image, plan)?;
     if crate::signals::stop_requested() {
         return Err(Error::new("interrupted"));
     }
@@ -100,9 +135,9 @@ impl<'a> Attempt<'a> {
     }
 
     /// The job's private writable layer, on stores whose jobs boot an overlay.
-    fn make_job_dir(&mut self, image: &Image) -> Result<()> {
+    fn make_job_dir(&mut self, image: &Image, root: JobRoot) -> Result<()> {
         self.state.phase = Phase::Booting;
-        if self.store.backend().job_root() == JobRoot::Overlay {
+        if root == JobRoot::Overlay {
             let tree = image.snapshot_path(&self.state.snapshot);
             self.state.job_dir = Some(self.store.create_job_dir(&self.state.machine.name, &tree)?);
         }
@@ -110,16 +145,16 @@ impl<'a> Attempt<'a> {
     }
 
     /// Boots the machine and records its processes.
-    fn start_machine(&mut self, image: &Image) -> Result<()> {
+    fn start_machine(&mut self, image: &Image, plan: JobPlan) -> Result<()> {
         let (settings, state) = (&self.ctx.settings, &self.state);
         let spec = MachineSpec {
             machine: state.machine.name.clone(),
             tree: image.snapshot_path(&state.snapshot),
-            root: self.store.backend().job_root(),
+            root: plan.root,
             job_dir: state.job_dir.clone(),
             leftovers: self.store.job_leftovers(&state.image, &state.snapshot, &state.job_id),
-            binds: job_binds(settings),
-            properties: settings.unit_properties(),
+            binds: plan.binds,
+            properties: plan.properties,
             log: self.ctx.states.log_path(&self.ctx.job),
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
@@ -153,13 +188,14 @@ impl Drop for Attempt<'_> {
     }
 }
 
-/// What every job machine gets mounted: the cache, and the host's gitlab-runner and
-/// step-runner where there are.
-fn job_binds(settings: &Settings) -> Vec<Bind> {
+/// What every job machine gets mounted: the cache, the host's gitlab-runner and step-runner
+/// where there are, and the image's own read-only binds.
+fn job_binds(settings: &Settings, image: &ImageSettings) -> Result<Vec<Bind>> {
     let cache = Bind::read_write(&settings.cache_dir, CACHE_DIR_IN_MACHINE);
     let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
     let step_runner = settings.step_runner_binary().map(|binary| Bind::read_only(binary, STEP_RUNNER_IN_MACHINE));
-    std::iter::once(cache).chain(gitlab_runner).chain(step_runner).collect()
+    let extra = image.bind_list()?.into_iter().map(|(host, inside)| Bind::read_only(host, inside));
+    Ok(std::iter::once(cache).chain(gitlab_runner).chain(step_runner).chain(extra).collect())
 }
 
 fn make_cache_dir(settings: &Settings) -> Result<()> {

@@ -629,6 +629,8 @@ impl TestEnv {
         for d in [&env.state_dir, &env.cache_dir, &env.config_dir, &env.links, &env.work.join("tmp")] {
             fs::create_dir_all(d).unwrap();
         }
+        // The test's own (empty) settings file: the host's /etc/nspawn-runner/settings never applies.
+        fs::write(env.work.join("settings"), "").unwrap();
         // Stage links exactly as packaged: config/prepare/run/cleanup -> the binary.
         env.admin(&["install-links", env.links.to_str().unwrap()]).assert_ok();
         for s in ["config", "prepare", "run", "cleanup"] {
@@ -662,6 +664,7 @@ impl TestEnv {
             .env("NSPAWN_RUNNER_CONFIG_DIR", &self.config_dir)
             .env("NSPAWN_RUNNER_DEFAULT_IMAGE", IMAGE)
             .env("NSPAWN_RUNNER_LOCK_TIMEOUT", "120")
+            .env("NSPAWN_RUNNER_SETTINGS", self.work.join("settings"))
             .current_dir(&self.work);
         for (k, v) in self.settings.lock().unwrap().iter() {
             c.env(k, v);
