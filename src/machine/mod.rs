@@ -18,7 +18,7 @@ use nspawn::{Bind, BootRoot, Nspawn};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use enter::{capture_seccomp, open_shell, run_script, ScriptOutcome};
+pub use enter::{open_shell, run_script, ScriptOutcome};
 pub use running::{process_start_time, Machine, Running};
 
 /// Everything needed to boot one job's machine.
@@ -47,6 +47,11 @@ pub trait Host {
     fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
     /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()>;
+    /// Saves the seccomp filters of the ready machine's init at `path`, for `run_script`; the
+    /// same on both kinds of host.
+    fn capture_seccomp(&self, running: &Running, path: &Path) -> Result<()> {
+        enter::capture_seccomp(running, path)
+    }
 }
 
 /// True when PID 1 is systemd (the same test as sd_booted(3)).

@@ -164,7 +164,7 @@ impl<'a> Attempt<'a> {
         self.state.machine.unit = unit;
         self.state.phase = Phase::Running;
         self.ctx.states.save(&self.state)?;
-        machine::capture_seccomp(&running, &self.ctx.states.seccomp_path(&self.ctx.job))
+        self.host.capture_seccomp(&running, &self.ctx.states.seccomp_path(&self.ctx.job))
     }
 
     /// Every step succeeded: the job keeps its machine.
