@@ -1,6 +1,7 @@
 //! Runner settings: `NSPAWN_RUNNER_*` environment variables (config.toml `environment = [...]`).
 
 use crate::error::{Context, Error, Result};
+use crate::names::ImageName;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -183,6 +184,31 @@ impl Settings {
     }
 }
 
+/// Whether machines of `image` run privileged (no user namespace: root in the job is host root):
+/// `NSPAWN_RUNNER_PRIVILEGED=yes` in `<config_dir>/<image>.conf`. Off without the file.
+pub fn image_privileged(settings: &Settings, image: &ImageName) -> Result<bool> {
+    let path = settings.config_dir.join(format!("{image}.conf"));
+    let text = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        other => other.with_context(|| format!("reading {}", path.display()))?,
+    };
+    let mut privileged = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        match line.split_once('=') {
+            Some(("NSPAWN_RUNNER_PRIVILEGED", "yes")) => privileged = true,
+            Some(("NSPAWN_RUNNER_PRIVILEGED", "no")) => privileged = false,
+            Some(("NSPAWN_RUNNER_PRIVILEGED", other)) => {
+                return Err(Error::new(format!(
+                    "{}: NSPAWN_RUNNER_PRIVILEGED must be yes or no, not {other:?}",
+                    path.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(privileged)
+}
+
 /// Splits a comma- or space-separated list.
 pub fn split_list(list: &str) -> Vec<String> {
     list.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_owned).collect()
@@ -241,6 +267,24 @@ mod tests {
         let s = settings(&[("NSPAWN_RUNNER_RECREATE", "trixie,sid")]).unwrap();
         assert!(s.recreates("sid") && !s.recreates("bookworm"));
         assert!(settings(&[("NSPAWN_RUNNER_RECREATE", "all")]).unwrap().recreates("bookworm"));
+    }
+
+    #[test]
+    fn privileged_is_per_image_and_off_by_default() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = settings(&[("NSPAWN_RUNNER_CONFIG_DIR", dir.to_str().unwrap())]).unwrap();
+        let image = |n| ImageName::parse(n).unwrap();
+        std::fs::write(dir.join("builder.conf"), "# image builders need loop devices\nNSPAWN_RUNNER_PRIVILEGED=yes\n")
+            .unwrap();
+        std::fs::write(dir.join("odd.conf"), "NSPAWN_RUNNER_PRIVILEGED=sure\n").unwrap();
+        std::fs::write(dir.join("plain.conf"), "NSPAWN_RUNNER_PRIVILEGED=no\n").unwrap();
+        assert!(image_privileged(&s, &image("builder")).unwrap());
+        assert!(!image_privileged(&s, &image("plain")).unwrap());
+        assert!(!image_privileged(&s, &image("other")).unwrap());
+        let e = image_privileged(&s, &image("odd")).unwrap_err().to_string();
+        assert!(e.contains("yes or no"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

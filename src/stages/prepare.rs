@@ -6,12 +6,14 @@ use crate::jobs::state::{JobState, Phase};
 use crate::jobs::JobContext;
 use crate::lock::Mode;
 use crate::machine::nspawn::Bind;
-use crate::machine::{self, Host, MachineSpec};
+use crate::machine::{self, cgroup, idmap, Host, MachineSpec};
 use crate::names::ImageName;
-use crate::settings::{Settings, CACHE_DIR_IN_MACHINE};
+use crate::settings::{image_privileged, Settings, CACHE_DIR_IN_MACHINE};
 use crate::store::backend::JobRoot;
 use crate::store::{Image, Store};
+use std::collections::HashSet;
 use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 
 /// Where the host's gitlab-runner binary appears in machines (first in their PATH).
 const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
@@ -19,23 +21,33 @@ const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
 pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
     let image_name = ctx.env.image(image_override, &ctx.settings.default_image)?;
     // Everything that can be checked without writing is checked first: bad input changes nothing.
+    let response = std::env::var_os("JOB_RESPONSE_FILE").map(PathBuf::from);
+    let project = crate::jobs::env::project_id(response.as_deref())?;
     let store = Store::open(&ctx.settings)?;
     let host = machine::host(&ctx.settings);
-    prepare_job(ctx, &store, host.as_ref(), &image_name)
+    prepare_job(ctx, &store, host.as_ref(), &image_name, project)
 }
 
-/// prepare of `image_name` from `store` on `host`, step by step; a failed step undoes the
-/// steps before it.
-pub fn prepare_job(ctx: &JobContext, store: &Store, host: &dyn Host, image_name: &ImageName) -> Result<()> {
+/// prepare of `image_name` from `store` on `host` for a job of GitLab project `project`, step
+/// by step; a failed step undoes the steps before it.
+pub fn prepare_job(
+    ctx: &JobContext,
+    store: &Store,
+    host: &dyn Host,
+    image_name: &ImageName,
+    project: Option<u64>,
+) -> Result<()> {
     let image = store.image(image_name);
     image.current()?;
+    let privileged = image_privileged(&ctx.settings, image_name)?;
     // A SIGTERM (prepare timeout, cancel) must not leave a machine booting with nobody to stop it.
     let _deferred = crate::signals::Deferred::block();
     ctx.settings.ensure_state_dir()?;
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
     clean_earlier_attempt(ctx, store, host)?;
-    let state =
-        boot_pinned_machine(ctx, store, host, &image).map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
+    let job = JobMachine { privileged, project };
+    let state = boot_pinned_machine(ctx, store, host, &image, &job)
+        .map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
     println!(
         "nspawn-runner: machine {} is up: image {image_name}, snapshot {} ({} store)",
         state.machine.name,
@@ -56,12 +68,26 @@ fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Re
     }
 }
 
+/// What kind of machine a job gets.
+struct JobMachine {
+    /// No user namespace (the image's `NSPAWN_RUNNER_PRIVILEGED=yes`).
+    privileged: bool,
+    /// The GitLab project, whose cache the job sees at /cache.
+    project: Option<u64>,
+}
+
 /// The steps that leave something behind, each undone by `Attempt` if a later one fails.
-fn boot_pinned_machine(ctx: &JobContext, store: &Store, host: &dyn Host, image: &Image) -> Result<JobState> {
-    let mut attempt = Attempt::pin(ctx, store, host, image)?;
+fn boot_pinned_machine(
+    ctx: &JobContext,
+    store: &Store,
+    host: &dyn Host,
+    image: &Image,
+    job: &JobMachine,
+) -> Result<JobState> {
+    let mut attempt = Attempt::pin(ctx, store, host, image, job.privileged)?;
     attempt.make_job_dir(image)?;
-    make_cache_dir(&ctx.settings)?;
-    attempt.start_machine(image)?;
+    let cache = job.project.map(|project| make_project_cache(&ctx.settings, project)).transpose()?;
+    attempt.start_machine(image, cache)?;
     if crate::signals::stop_requested() {
         return Err(Error::new("interrupted"));
     }
@@ -81,15 +107,27 @@ struct Attempt<'a> {
 }
 
 impl<'a> Attempt<'a> {
-    /// Resolves `current` and records the lease before gc can look again.
-    fn pin(ctx: &'a JobContext, store: &'a Store, host: &'a dyn Host, image: &Image) -> Result<Attempt<'a>> {
+    /// Resolves `current` and records the lease before gc can look again, with the job's uid
+    /// range unless it is `privileged`.
+    fn pin(
+        ctx: &'a JobContext,
+        store: &'a Store,
+        host: &'a dyn Host,
+        image: &Image,
+        privileged: bool,
+    ) -> Result<Attempt<'a>> {
         let forget_job = |e: Error| {
             let _ = ctx.states.remove(&ctx.job).and_then(|()| ctx.states.remove_lock(&ctx.job));
             e
         };
         let _pins = image.lock_pins(Mode::Shared).map_err(forget_job)?;
         let snapshot = image.current().map_err(forget_job)?;
-        let state = JobState::pinned(ctx.job.clone(), store.root().to_path_buf(), image.name().clone(), snapshot);
+        let mut state = JobState::pinned(ctx.job.clone(), store.root().to_path_buf(), image.name().clone(), snapshot);
+        // Under this lock no other prepare picks a range before this one is recorded.
+        let _ranges = (!privileged).then(|| ctx.states.lock_all()).transpose().map_err(forget_job)?;
+        if !privileged {
+            state.machine.uid_base = Some(free_uid_base(ctx).map_err(forget_job)?);
+        }
         let attempt = Attempt { ctx, store, host, state, kept: false };
         ctx.states.save(&attempt.state)?;
         Ok(attempt)
@@ -105,17 +143,23 @@ impl<'a> Attempt<'a> {
         self.ctx.states.save(&self.state)
     }
 
-    /// Boots the machine and records its processes.
-    fn start_machine(&mut self, image: &Image) -> Result<()> {
+    /// Boots the machine, with the project cache dir `cache` at /cache, and records its processes.
+    fn start_machine(&mut self, image: &Image, cache: Option<PathBuf>) -> Result<()> {
         let (settings, state) = (&self.ctx.settings, &self.state);
         let spec = MachineSpec {
             machine: state.machine.name.clone(),
             tree: image.snapshot_path(&state.snapshot),
             root: self.store.backend().job_root(),
+            uid_base: state.machine.uid_base,
             job_dir: state.job_dir.clone(),
             leftovers: self.store.job_leftovers(&state.image, &state.snapshot, &state.job_id),
-            binds: job_binds(settings),
+            binds: job_binds(settings, cache, state.machine.uid_base.is_some()),
             properties: settings.unit_properties(),
+            limits: cgroup::Limits {
+                memory_max: settings.memory_max.clone(),
+                tasks_max: settings.tasks_max.clone(),
+                cpu_weight: settings.cpu_weight.clone(),
+            },
             log: self.ctx.states.log_path(&self.ctx.job),
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
@@ -148,17 +192,31 @@ impl Drop for Attempt<'_> {
     }
 }
 
-/// What every job machine gets mounted: the cache, and the host's gitlab-runner if there is one.
-fn job_binds(settings: &Settings) -> Vec<Bind> {
-    let cache = Bind::read_write(&settings.cache_dir, CACHE_DIR_IN_MACHINE);
-    let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
-    std::iter::once(cache).chain(gitlab_runner).collect()
+/// The lowest uid range no job on record holds (crashed jobs keep theirs until gc reaps them).
+fn free_uid_base(ctx: &JobContext) -> Result<u32> {
+    let used: HashSet<u32> = ctx.states.all()?.iter().filter_map(|(state, _)| state.machine.uid_base).collect();
+    idmap::pick_base(&used)
 }
 
-fn make_cache_dir(settings: &Settings) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&settings.cache_dir)
-        .with_context(|| format!("creating cache dir {}", settings.cache_dir.display()))
+/// What every job machine gets mounted: its project's cache dir, and the host's gitlab-runner
+/// if there is one; `idmap` (a machine in a user namespace) shows them with the host's ownership.
+fn job_binds(settings: &Settings, cache: Option<PathBuf>, idmap: bool) -> Vec<Bind> {
+    let cache = cache.map(|dir| Bind::read_write(dir, CACHE_DIR_IN_MACHINE));
+    let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
+    cache.into_iter().chain(gitlab_runner).map(|bind| bind.idmapped(idmap)).collect()
+}
+
+/// `<cache_dir>/projects/<project>`, made if missing. `projects` is root-only: a job's root owns
+/// files there as host root (the bind is idmapped), and no host user may reach them.
+fn make_project_cache(settings: &Settings, project: u64) -> Result<PathBuf> {
+    let projects = settings.cache_dir.join("projects");
+    let dir = projects.join(project.to_string());
+    for (path, mode) in [(&settings.cache_dir, 0o755), (&projects, 0o700), (&dir, 0o755)] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(path)
+            .with_context(|| format!("creating cache dir {}", path.display()))?;
+    }
+    Ok(dir)
 }
