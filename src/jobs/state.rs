@@ -77,6 +77,11 @@ impl StateDir {
         self.dir.join(format!("{job}.log"))
     }
 
+    /// The seccomp filters of the job machine's init, read at prepare, loaded by every run.
+    pub fn seccomp_path(&self, job: &JobId) -> PathBuf {
+        self.dir.join(format!("{job}.seccomp"))
+    }
+
     /// Serialises prepare and cleanup of one job; gc skips jobs whose lock is held.
     pub fn lock_job(&self, job: &JobId, timeout: Duration) -> Result<Lock> {
         Lock::acquire(&self.lock_path(job), Mode::Exclusive, timeout, &format!("job {job}"))
@@ -125,9 +130,10 @@ impl StateDir {
         std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Removes the job's state and log files.
+    /// Removes the job's state, log and seccomp files.
     pub fn remove(&self, job: &JobId) -> Result<()> {
         remove_if_present(&self.path(job))?;
+        remove_if_present(&self.seccomp_path(job))?;
         remove_if_present(&self.log_path(job))
     }
 

@@ -7,7 +7,9 @@ pub mod idmap;
 mod notify;
 pub mod nspawn;
 mod plain;
+mod privileges;
 mod running;
+mod seccomp;
 pub mod spawn;
 mod systemd;
 
@@ -19,7 +21,7 @@ use nspawn::{Bind, BootRoot, Nspawn};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use enter::{run_script, ScriptOutcome};
+pub use enter::{capture_seccomp, run_script, ScriptOutcome};
 pub use running::{process_start_time, Machine, Running};
 
 /// Everything needed to boot one job's machine.

@@ -165,10 +165,11 @@ impl<'a> Attempt<'a> {
             stop_timeout: settings.stop_timeout(),
         };
         let (running, unit) = self.host.start(&spec)?;
-        self.state.machine.running = Some(running);
+        self.state.machine.running = Some(running.clone());
         self.state.machine.unit = unit;
         self.state.phase = Phase::Running;
-        self.ctx.states.save(&self.state)
+        self.ctx.states.save(&self.state)?;
+        machine::capture_seccomp(&running, &self.ctx.states.seccomp_path(&self.ctx.job))
     }
 
     /// Every step succeeded: the job keeps its machine.

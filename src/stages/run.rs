@@ -22,7 +22,7 @@ pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
         .as_ref()
         .filter(|r| r.leader_alive())
         .ok_or_else(|| Error::new(format!("job {}: machine {} is not running", ctx.job, machine.name)))?;
-    match machine::run_script(running, script, ctx.settings.stop_timeout())? {
+    match machine::run_script(running, script, &ctx.states.seccomp_path(&ctx.job), ctx.settings.stop_timeout())? {
         ScriptOutcome::Exited(0) => Ok(()),
         ScriptOutcome::Exited(code) => {
             if code == 128 + libc::SIGKILL {
