@@ -85,6 +85,12 @@ fn main() -> ExitCode {
             }
         };
     }
+    if argv.get(1).is_some_and(|a| a == nspawn_runner::machine::spawn::SPAWN_ARG) {
+        // systemd-nspawn's wrapper: its errors go to the machine's log.
+        let error = nspawn_runner::machine::spawn::spawn_exe(&argv[2..]).err();
+        eprintln!("nspawn-runner: {}", error.map_or_else(String::new, |e| e.to_string()));
+        return ExitCode::FAILURE;
+    }
     let conventions = Conventions::apply(effective_args(argv));
     if conventions.version {
         println!("nspawn-runner {}", env!("CARGO_PKG_VERSION"));

@@ -142,9 +142,9 @@ fn passing_multi_stage_job(kind: StoreKind) {
         out.elapsed
     );
     assert_eq!(
-        fs::read_to_string(env.cache_dir.join(&cache_probe)).ok().as_deref(),
+        fs::read_to_string(job.cache_dir().join(&cache_probe)).ok().as_deref(),
         Some("cached\n"),
-        "/cache in the machine is not the host cache dir"
+        "/cache in the machine is not the project's host cache dir"
     );
 
     assert!(out.stdout.contains("stdin-safe\n"), "a command reading stdin ate the script\n{}", out.describe());

@@ -34,6 +34,31 @@ impl JobEnv {
     }
 }
 
+/// The GitLab project of the job, from the job payload gitlab-runner wrote (`JOB_RESPONSE_FILE`,
+/// `job_info.project_id`): unlike `CUSTOM_ENV_*`, nothing a project sets can change it. None
+/// when there is no payload (a stage run by hand).
+pub fn project_id(response_file: Option<&std::path::Path>) -> Result<Option<u64>> {
+    #[derive(Deserialize)]
+    struct Response {
+        job_info: Option<JobInfo>,
+    }
+    #[derive(Deserialize)]
+    struct JobInfo {
+        project_id: Option<serde_json::Value>,
+    }
+    let Some(path) = response_file else { return Ok(None) };
+    let bad = |why: &str| Error::new(format!("JOB_RESPONSE_FILE {}: {why}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(&e.to_string()))?;
+    let response: Response = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
+    match response.job_info.and_then(|info| info.project_id) {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(Some).ok_or_else(|| bad("job_info.project_id is not a project id"))
+        }
+        Some(_) => Err(bad("job_info.project_id is not a number")),
+        None => Err(bad("no job_info.project_id")),
+    }
+}
+
 /// The exit codes gitlab-runner asks for.
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct ExitCodes {
@@ -88,6 +113,23 @@ mod tests {
         assert!(env.job_id(None).is_err());
         let env = JobEnv::from_vars(vars(&[("CUSTOM_ENV_CI_JOB_ID", "1/2")])).unwrap();
         assert!(env.job_id(None).is_err());
+    }
+
+    #[test]
+    fn the_project_comes_from_the_job_payload_and_must_be_a_number() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("response.json");
+        let project = |json: &str| {
+            std::fs::write(&file, json).unwrap();
+            project_id(Some(&file))
+        };
+        assert_eq!(project(r#"{"id":1,"job_info":{"name":"a","project_id":42}}"#).unwrap(), Some(42));
+        for bad in [r#"{"id":1}"#, r#"{"job_info":{"project_id":"../1"}}"#, r#"{"job_info":{"project_id":-1}}"#, "{"] {
+            assert!(project(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(project_id(None).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -102,6 +102,14 @@ impl StateDir {
         Lock::try_acquire(&self.lock_path(job), Mode::Exclusive)
     }
 
+    /// Serialises decisions that depend on every job's record (the choice of a uid range):
+    /// a lock on the directory itself, so it leaves no file behind. Held for milliseconds.
+    pub fn lock_all(&self) -> Result<nix::fcntl::Flock<std::fs::File>> {
+        let dir = std::fs::File::open(&self.dir).with_context(|| format!("opening {}", self.dir.display()))?;
+        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::from(e).context(format!("locking {}", self.dir.display())))
+    }
+
     fn lock_path(&self, job: &JobId) -> PathBuf {
         self.dir.join(format!("{job}.lock"))
     }
@@ -248,6 +256,7 @@ mod tests {
             leader_start_time: 2,
             ephemeral: None,
             cgroup: Some("/machine.slice/nspawn-runner-run-42.service".into()),
+            cgroups: vec![],
         });
         state.phase = Phase::Running;
         state

@@ -15,12 +15,16 @@ pub struct Machine {
     pub unit: Option<String>,
     /// The machine's processes, once it is up.
     pub running: Option<Running>,
+    /// Host uid of root in the machine (the base of its user namespace range); None for a
+    /// privileged machine, and in records of versions before user namespaces.
+    #[serde(default)]
+    pub uid_base: Option<u32>,
 }
 
 impl Machine {
     /// A machine that is not started yet.
     pub fn new(name: String) -> Machine {
-        Machine { name, unit: None, running: None }
+        Machine { name, unit: None, running: None, uid_base: None }
     }
 
     /// True while the machine's init still runs.
@@ -41,6 +45,9 @@ pub struct Running {
     /// The machine unit's cgroup (systemd hosts), which entered scripts join.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The machine's own cgroup directories (plain hosts), removed at cleanup.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Running {
@@ -95,6 +102,7 @@ mod tests {
             leader_start_time: t,
             ephemeral: None,
             cgroup: None,
+            cgroups: Vec::new(),
         };
         let age = running.age().unwrap();
         assert!(age < std::time::Duration::from_secs(24 * 3600), "this test process started {age:?} ago");

@@ -91,6 +91,7 @@ impl Host for FakeHost {
             leader_start_time: start,
             ephemeral,
             cgroup: None,
+            cgroups: Vec::new(),
         };
         Ok((running, None))
     }
@@ -148,7 +149,7 @@ impl World {
 
     fn prepare(&self) -> Result<()> {
         let host = FakeHost { script: self.script.clone() };
-        prepare_job(&self.ctx, &self.store(), &host, &ImageName::parse("img").unwrap())
+        prepare_job(&self.ctx, &self.store(), &host, &ImageName::parse("img").unwrap(), Some(7))
     }
 
     fn cleanup(&self) -> Result<()> {

@@ -796,10 +796,14 @@ pub struct Job<'a> {
     /// Extra environment of the stage processes (overrides the defaults).
     pub vars: Vec<(String, String)>,
     pub builds_dir: Mutex<String>,
+    /// job_info.project_id of the job payload (JOB_RESPONSE_FILE).
+    pub project_id: u64,
     scripts: AtomicUsize,
 }
 
 pub const PROJECT_PATH: &str = "group/project";
+/// job_info.project_id of a test job unless it says otherwise.
+pub const DEFAULT_PROJECT_ID: u64 = 1000;
 pub const JOB_TOKEN: &str = "glcbt-64_SecretJobTokenValue";
 
 impl<'a> Job<'a> {
@@ -811,9 +815,21 @@ impl<'a> Job<'a> {
             tmp: PathBuf::new(),
             vars: Vec::new(),
             builds_dir: Mutex::new("/builds".into()),
+            project_id: DEFAULT_PROJECT_ID,
             scripts: AtomicUsize::new(0),
         };
         j.new_attempt()
+    }
+
+    /// The same job in GitLab project `project` (a new attempt, so its payload says so).
+    pub fn in_project(mut self, project: u64) -> Self {
+        self.project_id = project;
+        self.new_attempt()
+    }
+
+    /// The host directory the job's /cache is.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.env.cache_dir.join("projects").join(self.project_id.to_string())
     }
 
     /// gitlab-runner makes a new temp dir (and response.json) for every prepare attempt.
@@ -824,8 +840,9 @@ impl<'a> Job<'a> {
         let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(resp).unwrap();
         write!(
             f,
-            r#"{{"id":{},"token":"{JOB_TOKEN}","variables":[{{"key":"CI_JOB_TOKEN","value":"{JOB_TOKEN}","public":false,"masked":true}}]}}"#,
-            self.id.parse::<u64>().unwrap_or(1)
+            r#"{{"id":{},"token":"{JOB_TOKEN}","job_info":{{"name":"test","stage":"test","project_id":{},"project_name":"project"}},"variables":[{{"key":"CI_JOB_TOKEN","value":"{JOB_TOKEN}","public":false,"masked":true}}]}}"#,
+            self.id.parse::<u64>().unwrap_or(1),
+            self.project_id
         )
         .unwrap();
         self
