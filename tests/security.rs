@@ -16,21 +16,6 @@ both_stores! {
     attacks_from_a_job_are_refused;
 }
 
-/// Attacks that only the machine confinement (private user namespace, per-machine cgroups,
-/// device policy: the "confine" work of issue 8) refuses. Until it is merged their outcome is
-/// printed, not asserted; the coordinator empties this list after merging it.
-const EXPECTED_TO_FAIL_UNTIL_CONFINE: &[&str] = &[
-    "mknod_mount_block_device",
-    "remount_proc_sys_rw",
-    "remount_sys_rw",
-    "mount_fresh_proc",
-    "mount_fresh_sysfs",
-    "btrfs_tree_search",
-    "btrfs_snap_destroy_v2",
-    "detach_root",
-    "cgroup_kill_other_job",
-];
-
 /// The attack program, built once per test binary (static, so any image runs it).
 fn attack_binary() -> Option<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attack/attack.c");
@@ -80,10 +65,7 @@ fn attacks_from_a_job_are_refused(kind: StoreKind) {
                 failures.push(line.to_owned());
             }
         } else if let Some(rest) = line.strip_prefix("attack ") {
-            let name = rest.split(':').next().unwrap_or_default();
-            if EXPECTED_TO_FAIL_UNTIL_CONFINE.contains(&name) {
-                eprintln!("until confine: {line}");
-            } else if !rest.contains(": refused") {
+            if !rest.contains(": refused") {
                 failures.push(line.to_owned());
             }
         }
@@ -115,9 +97,7 @@ fn attacks_from_a_job_are_refused(kind: StoreKind) {
     job.cleanup().assert_ok();
     assert!(!filters.exists(), "cleanup left {}", filters.display());
     if let Some((decoy, _)) = decoy {
-        if !EXPECTED_TO_FAIL_UNTIL_CONFINE.contains(&"btrfs_snap_destroy_v2") {
-            assert!(is_subvolume(&decoy), "the job destroyed the decoy subvolume");
-        }
+        assert!(is_subvolume(&decoy), "the job destroyed the decoy subvolume");
         let _ = Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(&decoy).status();
     }
     assert_nothing_left(&env, &job.id);
