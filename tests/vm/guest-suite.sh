@@ -9,7 +9,9 @@
 # BINARY defaults to $NSPAWN_RUNNER_BIN or ./nspawn-runner (next to this script).
 # Knobs: SUITE_PATHS="systemd plain" (which host paths to run the job scenarios on),
 #        SUITE_MAINT=1 (transactional maintenance + gc checks), SUITE_CRASH=1 (machine
-#        killed under a job), SUITE_JOB=1 (the full jobs), SUITE_PARALLEL=1 (two jobs at once), SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1.
+#        killed under a job), SUITE_JOB=1 (the full jobs), SUITE_PARALLEL=1 (two jobs at once),
+#        SUITE_PCANCEL=1 (SIGTERM during prepare), SUITE_VERBOSE=1, and SUITE_<NAME> of each
+#        scenarios/NAME.sh (e.g. SUITE_SECURITY).
 # Prints PASS:/FAIL: lines and "N passed, N failed"; exit status 0 only if all passed.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -496,11 +498,26 @@ maint_scenario() {
     check "no ephemeral copies, no machines left" sh -c "[ -z \"\$(find '$STORE/$IMG' -maxdepth 1 -name '.#machine.*')\" ] && ! machinectl list --no-legend | grep -q '^run-'"
 }
 
+# ---- more scenarios: scenarios/NAME.sh beside this script (staged by run.sh) --------------------
+# Each file defines scenario_NAME MODE (run once per path in SUITE_PATHS, with every helper above:
+# job_env, stage, run_body, check, show...) and sets the default of its knob SUITE_<NAME> (1 runs it).
+SCENARIOS=()
+for f in "$HERE"/scenarios/*.sh; do
+    [ -e "$f" ] || continue
+    # shellcheck source=/dev/null
+    . "$f"
+    SCENARIOS+=("$(basename "$f" .sh)")
+done
+
 [ "${SUITE_JOB:-1}" = 1 ] && for p in $SUITE_PATHS; do job_scenario "$p"; done
 [ "${SUITE_CRASH:-1}" = 1 ] && for p in $SUITE_PATHS; do crash_scenario "$p"; done
 [ "${SUITE_PCANCEL:-1}" = 1 ] && for p in $SUITE_PATHS; do prepare_cancel_scenario "$p"; done
 [ "${SUITE_PARALLEL:-1}" = 1 ] && parallel_scenario systemd
 failure_scenarios
+for n in "${SCENARIOS[@]}"; do
+    knob="SUITE_${n^^}"
+    [ "${!knob:-0}" = 1 ] && for p in $SUITE_PATHS; do "scenario_$n" "$p"; done
+done
 [ "$SUITE_MAINT" = 1 ] && maint_scenario
 
 section "leftovers"
