@@ -42,14 +42,15 @@ fn decoy_subvolume(env: &TestEnv) -> (PathBuf, u64) {
 fn attacks_from_a_job_are_refused(kind: StoreKind) {
     let Some(env) = TestEnv::new(kind, "security") else { return };
     let Some(attack) = attack_binary() else { return };
-    let in_cache = env.cache_dir.join("attack");
-    fs::copy(&attack, &in_cache).unwrap();
-    fs::set_permissions(&in_cache, fs::Permissions::from_mode(0o755)).unwrap();
     let decoy = (kind == StoreKind::Btrfs).then(|| decoy_subvolume(&env));
 
     let job = env.job();
     job.config().assert_ok();
     job.prepare().assert_ok();
+    // The job's /cache is its project's cache dir, which prepare made.
+    let in_cache = job.cache_dir().join("attack");
+    fs::copy(&attack, &in_cache).unwrap();
+    fs::set_permissions(&in_cache, fs::Permissions::from_mode(0o755)).unwrap();
     let filters = env.state_dir.join(format!("{}.seccomp", job.id));
     let mode = fs::metadata(&filters).unwrap_or_else(|e| panic!("{}: {e}", filters.display())).permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{} must be private", filters.display());

@@ -103,9 +103,31 @@ static void block_device_attack(void) {
     unlink("/tmp/.attack-blk");
 }
 
+/* Writes a host-wide sysctl (kernel.sysrq, which no namespace owns) through the proc at
+ * `proc`, writing back the value it reads so that even a success changes nothing; 0 or errno. */
+static int write_host_sysctl(const char *proc) {
+    char path[128], value[32];
+    snprintf(path, sizeof path, "%s/sys/kernel/sysrq", proc);
+    int fd = open(path, O_RDWR);
+    if (fd < 0) return errno;
+    ssize_t n = read(fd, value, sizeof value);
+    int err = n > 0 && pwrite(fd, value, n, 0) == n ? 0 : errno;
+    close(fd);
+    return err;
+}
+
+/* A mount that only exists in the job's own namespaces is no attack; what must hold is that
+ * the host's kernel settings stay out of reach through it. */
+static void proc_mount_outcome(const char *name, const char *proc, const char *how) {
+    int err = write_host_sysctl(proc);
+    if (err == 0) succeeded(name, how);
+    else printf("attack %s: refused (%s, but a host sysctl stays unwritable: %s)\n", name, how, strerror(err));
+}
+
 static void remount_attack(const char *name, const char *path) {
     if (mount(NULL, path, NULL, MS_REMOUNT | MS_BIND, NULL) == 0) {
-        succeeded(name, "remounted read-write");
+        if (strcmp(path, "/proc/sys") == 0) proc_mount_outcome(name, "/proc", "remounted read-write");
+        else succeeded(name, "remounted read-write");
         mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL);
     } else refused(name, errno);
 }
@@ -115,7 +137,8 @@ static void fresh_mount_attack(const char *name, const char *fstype) {
     snprintf(dir, sizeof dir, "/tmp/.attack-%s", fstype);
     mkdir(dir, 0700);
     if (mount(fstype, dir, fstype, 0, NULL) == 0) {
-        succeeded(name, "mounted");
+        if (strcmp(fstype, "proc") == 0) proc_mount_outcome(name, dir, "mounted");
+        else succeeded(name, "mounted");
         umount2(dir, MNT_DETACH);
     } else refused(name, errno);
     rmdir(dir);
