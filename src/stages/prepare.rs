@@ -90,8 +90,15 @@ impl JobPlan {
         let image = ImageSettings::load(&settings.config_dir, image_name)?;
         let image_binds = image.bind_list()?.into_iter().map(|(host, inside)| Bind::read_only(host, inside)).collect();
         let over = |own: &Option<String>, global: &Option<String>| own.clone().or_else(|| global.clone());
+        let root = job_root(store, &image)?;
+        if root == JobRoot::Volatile && !image.privileged {
+            // nspawn (252) cannot idmap the tmpfs overlay of --volatile for a user namespace.
+            return Err(Error::new(format!(
+                "image {image_name}: root=volatile needs privileged=true (no user namespace), or use root=overlay"
+            )));
+        }
         Ok(JobPlan {
-            root: job_root(store, &image)?,
+            root,
             image_binds,
             properties: settings.unit_properties(&image),
             limits: cgroup::Limits {

@@ -291,4 +291,10 @@ fn image_settings_choose_the_job_root_and_bad_ones_change_nothing() {
         assert!(world.calls().is_empty(), "{bad:?} started something");
         world.assert_nothing_left();
     }
+    // A volatile root cannot have a user namespace: only privileged images get one.
+    std::fs::write(&conf, "root=volatile\n").unwrap();
+    let e = world.prepare().unwrap_err();
+    assert!(e.to_string().contains("privileged=true"), "{e}");
+    assert!(world.calls().is_empty(), "root=volatile without privileged started something");
+    world.assert_nothing_left();
 }
