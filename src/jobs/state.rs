@@ -71,11 +71,13 @@ pub struct JobState {
 /// The state files of one state dir.
 pub struct StateDir {
     dir: PathBuf,
+    /// The store every record must be about (the settings', never the record's own word).
+    store: PathBuf,
 }
 
 impl StateDir {
     pub fn new(settings: &Settings) -> StateDir {
-        StateDir { dir: settings.state_dir.clone() }
+        StateDir { dir: settings.state_dir.clone(), store: settings.root.clone() }
     }
 
     pub fn path(&self, job: &JobId) -> PathBuf {
@@ -114,13 +116,18 @@ impl StateDir {
         self.dir.join(format!("{job}.lock"))
     }
 
+    /// The record of `job`, checked (see `JobState::check`): a record that names anything but
+    /// what the settings and the job's name give is refused.
     pub fn load(&self, job: &JobId) -> Result<Option<JobState>> {
         let path = self.path(job);
         match load_file(&path)? {
-            Some(state) if state.job_id != *job => {
-                Err(Error::new(format!("corrupt state file {}: it is about job {}", path.display(), state.job_id)))
+            Some(state) => {
+                state
+                    .check(job, &self.store)
+                    .map_err(|e| e.context(format!("refusing state file {}", path.display())))?;
+                Ok(Some(state))
             }
-            loaded => Ok(loaded),
+            None => Ok(None),
         }
     }
 
@@ -152,7 +159,8 @@ impl StateDir {
         remove_if_present(&self.lock_path(job))
     }
 
-    /// Every job with a state file, with whether somebody holds its lock right now.
+    /// Every job with a sound state file, with whether somebody holds its lock right now. A
+    /// corrupt or foreign record is skipped with a warning: it must not stop status or gc.
     pub fn all(&self) -> Result<Vec<(JobState, bool)>> {
         let mut states = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
@@ -162,9 +170,13 @@ impl StateDir {
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(Ok(job)) = name.strip_suffix(".json").map(JobId::parse) else { continue };
-            if let Some(state) = load_file(&entry.path())? {
-                let busy = Lock::try_acquire(&self.lock_path(&job), Mode::Exclusive)?.is_none();
-                states.push((state, busy));
+            match self.load(&job) {
+                Ok(Some(state)) => {
+                    let busy = Lock::try_acquire(&self.lock_path(&job), Mode::Exclusive)?.is_none();
+                    states.push((state, busy));
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("skipping job {job}: {e}"),
             }
         }
         states.sort_by(|a, b| a.0.job_id.cmp(&b.0.job_id));
@@ -197,6 +209,37 @@ impl JobState {
             failed: false,
             kept_until: None,
         }
+    }
+
+    /// Checks that the record names nothing but what `job` and the store at `store` give: the
+    /// store itself, the job's machine and unit, its job directory and an nspawn copy of its
+    /// snapshot in its image's directory. Everything cleanup and gc touch is derived from the
+    /// settings and these names; a record saying otherwise (damaged, foreign, forged) is refused.
+    pub fn check(&self, job: &JobId, store: &Path) -> Result<()> {
+        let machine = job.machine_name();
+        let refuse = |what: String| Err(Error::new(what));
+        if self.job_id != *job {
+            return refuse(format!("it is about job {}", self.job_id));
+        }
+        if self.store != store {
+            return refuse(format!("it names store {}, not {}", self.store.display(), store.display()));
+        }
+        if self.machine.name != machine {
+            return refuse(format!("it names machine {:?}, not {machine}", self.machine.name));
+        }
+        let unit = crate::machine::unit_name(&machine);
+        if let Some(other) = self.machine.unit.as_ref().filter(|u| **u != unit) {
+            return refuse(format!("it names unit {other:?}, not {unit}"));
+        }
+        let job_dir = crate::store::job_dir_in(store, &machine);
+        if let Some(dir) = self.job_dir.as_ref().filter(|d| **d != job_dir) {
+            return refuse(format!("it names job directory {}, not {}", dir.display(), job_dir.display()));
+        }
+        let copy = self.machine.running.as_ref().and_then(|r| r.ephemeral.as_deref());
+        if let Some(copy) = copy.filter(|c| !crate::store::is_copy_of(c, store, &self.image, &self.snapshot)) {
+            return refuse(format!("it names {} as its machine's copy", copy.display()));
+        }
+        Ok(())
     }
 
     /// True while the job may still use its snapshot: its machine runs, or prepare/cleanup
@@ -294,6 +337,53 @@ mod tests {
         assert!(state.kept_expired(0));
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(serde_json::from_str::<JobState>(&json).unwrap(), state);
+    }
+
+    #[test]
+    fn a_record_naming_another_store_machine_unit_or_directory_is_refused() {
+        let (job, store) = (JobId::parse("42").unwrap(), Path::new("/var/lib/nspawn-runner"));
+        assert!(record().check(&job, store).is_ok());
+        let forged: [fn(&mut JobState); 6] = [
+            |s| s.store = "/".into(),
+            |s| s.job_dir = Some("/etc".into()),
+            |s| s.machine.name = "../x".into(),
+            |s| s.machine.unit = Some("sshd.service".into()),
+            |s| s.machine.running.as_mut().unwrap().ephemeral = Some("/etc".into()),
+            |s| s.job_id = JobId::parse("43").unwrap(),
+        ];
+        for forge in forged {
+            let mut state = record();
+            forge(&mut state);
+            let e = state.check(&job, store).unwrap_err();
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        let mut state = record();
+        state.job_dir = Some("/var/lib/nspawn-runner/.jobs/run-42".into());
+        state.machine.running.as_mut().unwrap().ephemeral =
+            Some("/var/lib/nspawn-runner/bookworm/.#machine.1700000000_1abc".into());
+        assert!(state.check(&job, store).is_ok());
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_state_file_is_skipped_by_the_listing_but_refused_by_load() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-state-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let states = StateDir { dir: dir.clone(), store: "/var/lib/nspawn-runner".into() };
+        states.save(&record()).unwrap();
+        let (corrupt, foreign) = (JobId::parse("43").unwrap(), JobId::parse("44").unwrap());
+        std::fs::write(states.path(&corrupt), b"{not json").unwrap();
+        let mut other = record();
+        other.job_id = foreign.clone();
+        other.machine = Machine::new(foreign.machine_name());
+        other.store = "/".into();
+        states.save(&other).unwrap();
+        let listed: Vec<JobId> = states.all().unwrap().into_iter().map(|(s, _)| s.job_id).collect();
+        assert_eq!(listed, [JobId::parse("42").unwrap()]);
+        for job in [&corrupt, &foreign] {
+            let e = states.load(job).unwrap_err();
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

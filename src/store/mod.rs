@@ -93,7 +93,7 @@ impl Store {
 
     /// The directory holding one job's private writable layer.
     pub fn job_dir(&self, machine: &str) -> PathBuf {
-        self.root.join(JOBS_DIR).join(machine)
+        job_dir_in(&self.root, machine)
     }
 
     /// Creates the job's private directory, empty (an earlier attempt's is thrown away), with
@@ -331,28 +331,31 @@ impl JobLeftovers<'_> {
     /// directory is refused and nothing is deleted.
     pub fn delete(&self, ephemeral: Option<&Path>) -> Result<()> {
         if let Some(copy) = ephemeral {
-            let copy = self.ephemeral_copy(copy)?;
-            self.store.backend.delete(&copy)?;
-            remove_if_present(&nspawn_lock_path(&copy))?;
+            if !is_copy_of(copy, &self.store.root, &self.image, &self.snapshot) {
+                return Err(Error::new(format!(
+                    "refusing to delete {}: not an nspawn copy of image {} in the store",
+                    copy.display(),
+                    self.image
+                )));
+            }
+            self.store.backend.delete(copy)?;
+            remove_if_present(&nspawn_lock_path(copy))?;
         }
         self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
     }
+}
 
-    /// `copy` as a path below the image directory, if its name is that of an nspawn copy of the
-    /// job's snapshot (`.#machine.<snapshot><random>`) and it lies directly in that directory.
-    fn ephemeral_copy(&self, copy: &Path) -> Result<PathBuf> {
-        let image_dir = self.store.root.join(self.image.as_str());
-        let prefix = format!("{EPHEMERAL_PREFIX}{}", self.snapshot);
-        let name = copy.file_name().and_then(|n| n.to_str()).filter(|n| n.starts_with(&prefix) && *n != prefix);
-        match name {
-            Some(name) if copy.parent() == Some(image_dir.as_path()) => Ok(image_dir.join(name)),
-            _ => Err(Error::new(format!(
-                "refusing to delete {}: not an nspawn copy of image {} in the store",
-                copy.display(),
-                self.image
-            ))),
-        }
-    }
+/// The job directory of machine `machine` in the store at `root`.
+pub fn job_dir_in(root: &Path, machine: &str) -> PathBuf {
+    root.join(JOBS_DIR).join(machine)
+}
+
+/// True when `copy` is named like an nspawn copy of `snapshot` (`.#machine.<snapshot><random>`)
+/// and lies directly in the directory of `image` in the store at `root`.
+pub fn is_copy_of(copy: &Path, root: &Path, image: &ImageName, snapshot: &SnapshotName) -> bool {
+    let prefix = format!("{EPHEMERAL_PREFIX}{snapshot}");
+    let named = copy.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n != prefix);
+    named && copy.parent() == Some(root.join(image.as_str()).as_path())
 }
 
 /// nspawn's lock file for the tree at `path` (`.#NAME.lck` beside it).
@@ -396,12 +399,9 @@ mod tests {
 
     #[test]
     fn only_nspawn_copies_of_the_jobs_snapshot_in_its_image_dir_are_leftovers() {
-        let settings = Settings::from_vars([("NSPAWN_RUNNER_ROOT".to_owned(), "/s/root".to_owned())]).unwrap();
-        let store = Store::with_backend(&settings, Box::new(backend::Plain));
         let (image, snapshot) = (ImageName::parse("img").unwrap(), SnapshotName::new(1, 2));
-        let leftovers = store.job_leftovers(&image, &snapshot, &JobId::parse("7").unwrap());
-        let ok = Path::new("/s/root/img/.#machine.1_2abc");
-        assert_eq!(leftovers.ephemeral_copy(ok).unwrap(), ok);
+        let root = Path::new("/s/root");
+        assert!(is_copy_of(Path::new("/s/root/img/.#machine.1_2abc"), root, &image, &snapshot));
         for bad in [
             "/s/root/img/.#machine.1_2",
             "/s/root/img/.#machine.3_4abc",
@@ -411,7 +411,7 @@ mod tests {
             "/etc/.#machine.1_2abc",
             "/s/root/img/1_2",
         ] {
-            assert!(leftovers.ephemeral_copy(Path::new(bad)).is_err(), "{bad} accepted");
+            assert!(!is_copy_of(Path::new(bad), root, &image, &snapshot), "{bad} accepted");
         }
     }
 }
