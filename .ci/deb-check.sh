@@ -26,9 +26,9 @@
 #                     loop-mounted btrfs; 0: only the plain store
 #   DEB_CHECK_PATCH   a patch (-p1) applied to the copied tree before building,
 #                     to try a fix without committing it
-#   DEB_BUILD_OPTIONS passed to dpkg-buildpackage; default "nocheck": dh-cargo's
-#                     test step is only an extra debug build of the same code,
-#                     which costs a minute or more on 2 cores (set it to "" to run it)
+#   DEB_BUILD_OPTIONS passed to dpkg-buildpackage; default "": the build runs the
+#                     library's unit tests (debian/rules override_dh_auto_test);
+#                     "nocheck" skips them
 
 set -euo pipefail
 
@@ -252,7 +252,7 @@ if want build; then
         patch -d "$WORK/src/nspawn-runner" -p1 < "$DEB_CHECK_PATCH" || die "$DEB_CHECK_PATCH does not apply"
     fi
 
-    log "building in a clean trixie chroot (mmdebstrap, build-deps from Debian's archive, DEB_BUILD_OPTIONS=${DEB_BUILD_OPTIONS-nocheck})"
+    log "building in a clean trixie chroot (mmdebstrap, build-deps from Debian's archive, DEB_BUILD_OPTIONS=${DEB_BUILD_OPTIONS-})"
     tb="$(date +%s)"
     # The whole build runs inside mmdebstrap's customize hooks: mmdebstrap sets
     # up and tears down /proc, /dev, ... itself and throws the chroot away.
@@ -286,7 +286,7 @@ EOS
     if mmdebstrap --variant=buildd --include=dh-cargo,lintian,ca-certificates \
         --customize-hook='mkdir -p "$1/build"' \
         --customize-hook="sync-in '$WORK/src' /build" \
-        --customize-hook="chroot \"\$1\" sh /build/build-in-chroot.sh '${DEB_BUILD_OPTIONS-nocheck}'" \
+        --customize-hook="chroot \"\$1\" sh /build/build-in-chroot.sh '${DEB_BUILD_OPTIONS-}'" \
         --customize-hook="sync-out /build/out '$OUT'" \
         trixie /dev/null "$MIRROR" > "$WORK/mmdebstrap-build.log" 2>&1; then
         :
@@ -640,8 +640,8 @@ fi
 if want purge; then
     # The upgrade path (same version: preinst/prerm/postrm "upgrade",
     # postinst "configure OLD"): the store and a changed conffile survive.
-    echo "# changed by deb-check" >> "$ROOTFS/etc/default/nspawn-runner"
-    images_before="$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')"
+    echo "# changed by deb-check" >> "$ROOTFS/etc/nspawn-runner/settings"
+    images_before="$(store_ls /var/lib/nspawn-runner | { grep -v '^\.' || true; } | tr '\n' ' ')"
     log "apt-get install --reinstall (upgrade path), then apt-get remove"
     if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall --no-install-recommends "$1"' sh "$DEB_IN" \
         > "$WORK/apt-reinstall.log" 2>&1; then
@@ -649,9 +649,9 @@ if want purge; then
     else
         tail -20 "$WORK/apt-reinstall.log" >&2; fail "apt-get install --reinstall failed"
     fi
-    grep -q '^# changed by deb-check' "$ROOTFS/etc/default/nspawn-runner" \
-        && pass "the changed conffile /etc/default/nspawn-runner is kept" || fail "the changed conffile was replaced"
-    [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
+    grep -q '^# changed by deb-check' "$ROOTFS/etc/nspawn-runner/settings" \
+        && pass "the changed conffile /etc/nspawn-runner/settings is kept" || fail "the changed conffile was replaced"
+    [ "$(store_ls /var/lib/nspawn-runner | { grep -v '^\.' || true; } | tr '\n' ' ')" = "$images_before" ] \
         && pass "the image store survives the upgrade (${images_before:-empty})" || fail "the image store changed in the upgrade"
     # remove keeps the store and the conffile; purge takes them.
     if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get remove -y -q nspawn-runner' > "$WORK/apt-remove.log" 2>&1; then
@@ -663,7 +663,7 @@ if want purge; then
     [ "$st" = config-files ] && pass "dpkg: nspawn-runner config-files after remove" || fail "dpkg status after remove: $st"
     [ ! -e "$ROOTFS/usr/bin/nspawn-runner" ] && [ ! -e "$ROOTFS/usr/lib/nspawn-runner" ] \
         && pass "remove took the binary and the stage links" || fail "remove left the binary or the stage links"
-    [ "$(store_ls /var/lib/nspawn-runner | grep -v '^\.' | tr '\n' ' ')" = "$images_before" ] \
+    [ "$(store_ls /var/lib/nspawn-runner | { grep -v '^\.' || true; } | tr '\n' ' ')" = "$images_before" ] \
         && pass "remove keeps the image store" || fail "remove changed the image store"
 
     log "apt-get purge nspawn-runner"
@@ -679,6 +679,35 @@ if want purge; then
         fail "files left or lost by install+purge (see above)"
     fi
     ! in_root test -e /run/nspawn-runner && pass "/run/nspawn-runner removed" || fail "/run/nspawn-runner left"
+
+    # Purge with the store on a btrfs file system that is still mounted (the
+    # quickstart's layout): snapshots are subvolumes, one with a nested one.
+    if [ "${DEB_CHECK_BTRFS:-1}" = 1 ]; then
+        log "[btrfs] install again, purge with a mounted btrfs store"
+        if in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$1"' sh "$DEB_IN" \
+            > "$WORK/apt-install-btrfs.log" 2>&1 \
+            && in_root sh -ec '
+                truncate -s 1G /var/tmp/deb-check-purge.btrfs
+                mkfs.btrfs -q /var/tmp/deb-check-purge.btrfs
+                mount -o loop /var/tmp/deb-check-purge.btrfs /var/lib/nspawn-runner
+                mkdir /var/lib/nspawn-runner/img
+                btrfs -q subvolume create /var/lib/nspawn-runner/img/1_1
+                mkdir -p /var/lib/nspawn-runner/img/1_1/var/lib
+                btrfs -q subvolume create /var/lib/nspawn-runner/img/1_1/var/lib/machines
+                ln -s 1_1 /var/lib/nspawn-runner/img/current' > "$WORK/btrfs-purge-setup.log" 2>&1; then
+            in_root sh -c 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q nspawn-runner' > "$WORK/apt-purge-btrfs.log" 2>&1 \
+                && pass "[btrfs] apt-get purge with a mounted btrfs store" \
+                || { tail -20 "$WORK/apt-purge-btrfs.log" >&2; fail "[btrfs] apt-get purge failed with a mounted btrfs store"; }
+            [ -z "$(in_root ls -A /var/lib/nspawn-runner)" ] \
+                && pass "[btrfs] purge emptied the mounted store (subvolumes deleted)" || fail "[btrfs] purge left files in the mounted store"
+            grep -q 'left mounted' "$WORK/apt-purge-btrfs.log" \
+                && pass "[btrfs] purge says it left the store mounted" || fail "[btrfs] purge did not say the store stays mounted"
+            in_root sh -c 'umount /var/lib/nspawn-runner && rm -f /var/tmp/deb-check-purge.btrfs && rmdir /var/lib/nspawn-runner 2>/dev/null; true'
+        else
+            cat "$WORK/btrfs-purge-setup.log" >&2
+            fail "[btrfs] could not set up the purge case"
+        fi
+    fi
 fi
 
 stop_testroot

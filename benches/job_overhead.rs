@@ -11,10 +11,12 @@ mod common;
 
 use common::*;
 use nspawn_runner::jobs::script::bash_wrapper;
+use nspawn_runner::machine::idmap;
 use nspawn_runner::machine::nspawn::{Bind, BootRoot, Nspawn};
+use nspawn_runner::machine::spawn::{overlay_root, SpawnPlan};
 use std::fs;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -243,25 +245,27 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
     let mut job = Job::default();
     let job_dir = store.floor_jobs.join(name);
     let ((mut nspawn, leader), prepare) = timed(|| {
+        // Like a job: a user namespace of its own range (the top slot, which no test job gets).
+        let base = idmap::FIRST_BASE + 4095 * idmap::RANGE;
         let upper = job_dir.join("upper");
-        let root = if store.btrfs {
-            BootRoot::Ephemeral
+        let cache = Bind::read_write(&env.cache, "/cache").idmapped(true);
+        // The production command line, with the same cache bind nspawn-runner gives every machine;
+        // plain stores boot the idmapped overlay that nspawn-runner's spawn wrapper mounts.
+        let (program, args) = if store.btrfs {
+            let args = Nspawn::boot(name, &store.snapshot, BootRoot::Ephemeral, false).bind(&cache);
+            (PathBuf::from("systemd-nspawn"), args.private_users(base, true).into_args())
         } else {
             fs::create_dir_all(&upper).unwrap();
-            // As nspawn-runner does: the upper dir takes the owner and mode of the snapshot root.
-            let meta = fs::metadata(&store.snapshot).unwrap();
-            std::os::unix::fs::chown(&upper, Some(meta.uid()), Some(meta.gid())).unwrap();
-            fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777)).unwrap();
-            BootRoot::Overlay { upper: &upper }
+            let args = Nspawn::boot(name, &overlay_root(&job_dir), BootRoot::Directory, false).bind(&cache);
+            let plan =
+                SpawnPlan { cgroups: Vec::new(), overlay: Some((store.snapshot.clone(), job_dir.clone(), base)) };
+            (PathBuf::from(BIN), plan.argv("systemd-nspawn", &args.private_users(base, false).into_args()))
         };
-        // The production command line, with the same cache bind nspawn-runner gives every machine.
-        let args =
-            Nspawn::boot(name, &store.snapshot, root, false).bind(&Bind::read_write(&env.cache, "/cache")).into_args();
         let socket_name = format!("nspawn-runner-bench/{}/{name}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let log = fs::File::create(env.work.join(format!("{name}.log"))).unwrap();
-        let mut command = Command::new("systemd-nspawn");
+        let mut command = Command::new(program);
         command
             .args(&args)
             .env_clear()

@@ -2,9 +2,11 @@
 //! gitlab-runner custom-executor stage; named anything else it is the admin CLI.
 
 use argh::FromArgs;
-use cli::{Cli, Command};
+use cli::{Cli, Command, Conventions};
 use error::{Kind, Result};
-use nspawn_runner::{admin, cli, error, jobs, stages};
+use log::Level;
+use nspawn_runner::settings::{Loaded, Settings};
+use nspawn_runner::{admin, cli, error, jobs, logging, stages};
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
@@ -26,24 +28,18 @@ fn effective_args(argv: Vec<String>) -> Vec<String> {
     }
 }
 
-fn init_logging(verbose: bool, stage: bool) {
-    // Stages keep the job log clean: only warnings unless asked otherwise.
-    let default = if verbose {
-        "debug"
-    } else if stage {
-        "warn"
-    } else {
-        "info"
-    };
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("NSPAWN_RUNNER_LOG", default))
-        .format(|out, record| {
-            use std::io::Write;
-            writeln!(out, "nspawn-runner: {}", record.args())
-        })
-        .init();
+/// The log filter: `-v`, else NSPAWN_RUNNER_LOG, else quiet stages (the job log stays clean)
+/// and informative commands.
+fn log_filter(verbose: bool, stage: bool, settings: Option<&Settings>) -> String {
+    match (verbose, settings.and_then(|s| s.log.clone())) {
+        (true, _) => "debug".to_owned(),
+        (false, Some(filter)) => filter,
+        (false, None) if stage => "warn".to_owned(),
+        (false, None) => "info".to_owned(),
+    }
 }
 
-fn dispatch(command: Command) -> Result<()> {
+fn dispatch(command: Command, loaded: &Loaded) -> Result<()> {
     match command {
         Command::Config(_) => stages::config::config(),
         Command::Prepare(args) => {
@@ -59,8 +55,16 @@ fn dispatch(command: Command) -> Result<()> {
             stages::cleanup::cleanup(&ctx)
         }
         Command::InstallLinks(args) => admin::install_links(&args.dir, &STAGE_NAMES),
-        Command::Status(_) => admin::status(),
-        Command::Toml(args) => admin::toml(&args.links),
+        Command::Status(args) => admin::status(&loaded.settings, args.json),
+        Command::Shell(args) => {
+            let code = admin::shell(&loaded.settings, &args.args)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::Toml(args) => admin::toml(&args.links, &loaded.settings),
+        Command::Settings(_) => admin::print_settings(loaded),
         Command::Image(args) => admin::image::dispatch(args.command),
     }
 }
@@ -72,44 +76,68 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let argv: Vec<String> = std::env::args_os().map(|a: OsString| a.to_string_lossy().into_owned()).collect();
     if argv.first().is_some_and(|a| a.ends_with(admin::CHROOT_EXE_NAME)) {
-        init_logging(false, false);
+        logging::init("info");
         return match admin::chroot_exe(&argv[1..]) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("nspawn-runner: {e}");
+                eprintln!("{}", logging::line(Level::Error, e));
                 ExitCode::FAILURE
             }
         };
     }
-    let args = effective_args(argv);
-    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    if argv.get(1).is_some_and(|a| a == nspawn_runner::machine::spawn::SPAWN_ARG) {
+        // systemd-nspawn's wrapper: its errors go to the machine's log.
+        let error = nspawn_runner::machine::spawn::spawn_exe(&argv[2..]).err();
+        eprintln!("nspawn-runner: {}", error.map_or_else(String::new, |e| e.to_string()));
+        return ExitCode::FAILURE;
+    }
+    let conventions = Conventions::apply(effective_args(argv));
+    if conventions.version {
+        println!("nspawn-runner {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let strs: Vec<&str> = conventions.args.iter().map(String::as_str).collect();
+    let is_stage = strs.get(1).is_some_and(|s| STAGE_NAMES.contains(s));
+    let failure = |stage: bool| exit_code(if stage { jobs::env::EXIT_CODES.system_failure } else { 1 });
     let cli = match Cli::from_args(&strs[..1], &strs[1..]) {
         Ok(cli) => cli,
         Err(early_exit) => {
-            let is_stage = strs.get(1).is_some_and(|s| STAGE_NAMES.contains(s));
             return match early_exit.status {
                 Ok(()) => {
                     println!("{}", early_exit.output);
                     ExitCode::SUCCESS
                 }
                 Err(()) => {
-                    eprintln!("nspawn-runner: {}", early_exit.output.trim_end().replace('\n', " "));
+                    let mut message = early_exit.output.trim_end().replace('\n', " ");
+                    if let Some(near) = cli::suggestion(&conventions.args, &early_exit.output) {
+                        message.push_str(&format!(" (did you mean `{near}`?)"));
+                    }
+                    eprintln!("{}", logging::line(Level::Error, message));
                     exit_code(if is_stage { jobs::env::EXIT_CODES.system_failure } else { 2 })
                 }
             };
         }
     };
     let is_stage = cli.command.is_stage();
-    init_logging(cli.verbose, is_stage);
-    match dispatch(cli.command) {
+    let verbose = conventions.verbose || cli.verbose;
+    let loaded = match Settings::loaded() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            logging::init(&log_filter(verbose, is_stage, None));
+            eprintln!("{}", logging::line(Level::Error, e));
+            return failure(is_stage);
+        }
+    };
+    logging::init(&log_filter(verbose, is_stage, Some(&loaded.settings)));
+    match dispatch(cli.command, &loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == Kind::Build => {
             log::info!("{e}");
             exit_code(jobs::env::EXIT_CODES.build_failure)
         }
         Err(e) => {
-            eprintln!("nspawn-runner: {e}");
-            exit_code(if is_stage { jobs::env::EXIT_CODES.system_failure } else { 1 })
+            eprintln!("{}", logging::line(Level::Error, e));
+            failure(is_stage)
         }
     }
 }

@@ -25,28 +25,6 @@ impl ImageName {
         Ok(ImageName(name.to_owned()))
     }
 
-    /// Maps a job's `image:` (docker style, e.g. `registry.example.com/group/debian:bookworm`)
-    /// to an image name. Like the Python nspawn-runner it keeps only the last path component;
-    /// a digest and a `:latest` tag are dropped, any other tag is joined with `-`
-    /// (`debian:bookworm` -> `debian-bookworm`). An empty image means `default`.
-    pub fn from_job_image(job_image: &str, default: &str) -> Result<Self> {
-        let job_image = job_image.trim();
-        if job_image.is_empty() {
-            return Self::parse(default).map_err(|e| e.context("NSPAWN_RUNNER_DEFAULT_IMAGE"));
-        }
-        if job_image.contains("..") || job_image.starts_with('/') {
-            return Err(Error::new(format!("invalid job image {job_image:?}")));
-        }
-        let last = job_image.rsplit('/').next().unwrap_or(job_image);
-        let without_digest = last.split('@').next().unwrap_or(last);
-        let name = match without_digest.split_once(':') {
-            Some((repo, "latest")) => repo.to_owned(),
-            Some((repo, tag)) => format!("{repo}-{tag}"),
-            None => without_digest.to_owned(),
-        };
-        Self::parse(&name).map_err(|e| e.context(format!("job image {job_image:?}")))
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -169,21 +147,6 @@ mod tests {
         for bad in ["", ".hidden", "..", "../../etc", "a/b", "a b", "a:b", "ü", &"x".repeat(65)] {
             assert!(ImageName::parse(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn job_images_map_like_docker_names() {
-        let map = |s: &str| ImageName::from_job_image(s, "default").map(|n| n.0);
-        assert_eq!(map("").unwrap(), "default");
-        assert_eq!(map("bookworm").unwrap(), "bookworm");
-        assert_eq!(map("debian:bookworm").unwrap(), "debian-bookworm");
-        assert_eq!(map("registry.example.com/group/debian:bookworm").unwrap(), "debian-bookworm");
-        assert_eq!(map("registry.example.com:5000/debian:latest").unwrap(), "debian");
-        assert_eq!(map("debian@sha256:abcd").unwrap(), "debian");
-        assert!(map("../../etc").is_err());
-        assert!(map("/etc").is_err());
-        assert!(map(".hidden").is_err());
-        assert!(ImageName::from_job_image("", "../x").is_err());
     }
 
     #[test]

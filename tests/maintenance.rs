@@ -19,6 +19,7 @@ both_stores! {
     crash_safety_kill9;
     gc_removes_awkward_snapshots;
     cut_short_creation_is_cleaned_up;
+    playbook_needs_python3;
 }
 
 fn marker(env: &TestEnv, snap: &str) -> Option<String> {
@@ -485,4 +486,26 @@ fn cut_short_creation_is_cleaned_up(kind: StoreKind) {
     env.admin(&["image", "import", "fresh", source.to_str().unwrap()]).assert_ok();
     assert!(env.current("fresh").is_some());
     assert_store_idle(&env);
+}
+
+fn playbook_needs_python3(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "python") else { return };
+    let s1 = env.current(IMAGE).unwrap();
+    fs::write(env.config_dir.join(format!("{IMAGE}.yaml")), "- hosts: all\n  tasks: []\n").unwrap();
+    // ansible itself is a fake that records being run: what is tested is the check before it.
+    let bin = env.work.join("fakebin");
+    fs::create_dir_all(&bin).unwrap();
+    let ran = env.work.join("ansible-ran");
+    fs::write(bin.join("ansible-playbook"), format!("#!/bin/sh\ntouch {}\n", ran.display())).unwrap();
+    fs::set_permissions(bin.join("ansible-playbook"), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{PATH}", bin.display());
+    // The test image is minbase without python3 (images made by `image create` have it).
+    let out = env.admin_env(&["image", "maintain", IMAGE], &[("PATH", &path), ("NSPAWN_RUNNER_LOG", "warn")]);
+    out.assert_code(1).assert_one_line_stderr();
+    assert!(out.stderr.contains("has no /usr/bin/python3"), "{}", out.describe());
+    assert!(!ran.exists(), "ansible ran without python3 in the image");
+    assert_eq!(env.current(IMAGE).as_deref(), Some(s1.as_str()));
+    maintain(&env, "ln -s python3.11 /usr/bin/python3").assert_ok();
+    env.admin_env(&["image", "maintain", IMAGE], &[("PATH", &path)]).assert_ok();
+    assert!(ran.exists(), "the playbook did not run once python3 was there");
 }

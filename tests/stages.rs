@@ -15,6 +15,8 @@ both_stores! {
     failing_build_script;
     build_failure_code_comes_from_env;
     missing_image_is_system_failure;
+    job_images_map_like_the_python_runner;
+    step_runner_is_bound_read_only;
     sigterm_during_build_script;
     two_jobs_at_once;
     prepare_retry_after_failed_prepare;
@@ -140,9 +142,9 @@ fn passing_multi_stage_job(kind: StoreKind) {
         out.elapsed
     );
     assert_eq!(
-        fs::read_to_string(env.cache_dir.join(&cache_probe)).ok().as_deref(),
+        fs::read_to_string(job.cache_dir().join(&cache_probe)).ok().as_deref(),
         Some("cached\n"),
-        "/cache in the machine is not the host cache dir"
+        "/cache in the machine is not the project's host cache dir"
     );
 
     assert!(out.stdout.contains("stdin-safe\n"), "a command reading stdin ate the script\n{}", out.describe());
@@ -218,6 +220,55 @@ fn missing_image_is_system_failure(kind: StoreKind) {
     job.cleanup().assert_ok();
     assert_same_tree("cleanup after a failed prepare", &before, &tree(&env.store_dir));
     assert_nothing_left(&env, &job.id);
+}
+
+fn job_images_map_like_the_python_runner(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "imagenames") else { return };
+    // The tag of the last path component names the image, registry ports and digests aside.
+    let job = env.job().with_image("registry.example.com:5000/ci/debian:bookworm@sha256:0123abcd");
+    job.run_whole_job("hostname");
+    // A missing one: one line naming the job image, the name tried and the images there are.
+    let before = tree(&env.store_dir);
+    let job = env.job().with_image("registry.example.com/ci/debian:nosuch");
+    job.config().assert_ok();
+    let out = job.prepare();
+    out.assert_system_failure(2);
+    for needle in ["registry.example.com/ci/debian:nosuch", "nosuch (its tag)", "available: bookworm"] {
+        assert!(out.stderr.contains(needle), "the error should say {needle:?}\n{}", out.describe());
+    }
+    job.cleanup().assert_ok();
+    // Hostile tags are refused (or name a plain missing image) before anything is written.
+    for hostile in ["debian:.hidden", "debian:../../etc", "x:a b", "debian:bookworm/"] {
+        env.job().with_image(hostile).prepare().assert_system_failure(2);
+    }
+    assert_same_tree("prepares of bad image names", &before, &tree(&env.store_dir));
+    // The admin's alias table and allowed globs.
+    env.set("NSPAWN_RUNNER_IMAGE_ALIASES", "**/ubuntu:*=bookworm");
+    env.set("NSPAWN_RUNNER_ALLOWED_IMAGES", "docker.io/**");
+    env.job().with_image("docker.io/library/ubuntu:24.04").run_whole_job("true");
+    let out = env.job().with_image("evil.example/ubuntu:24.04").prepare();
+    out.assert_system_failure(2);
+    assert!(out.stderr.contains("not allowed"), "{}", out.describe());
+    assert_same_tree("a prepare of a forbidden image", &before, &tree(&env.store_dir));
+}
+
+fn step_runner_is_bound_read_only(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "steprunner") else { return };
+    let binary = env.work.join("step-runner");
+    fs::write(&binary, "#!/bin/sh\necho step-runner says $*\n").unwrap();
+    fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.set("NSPAWN_RUNNER_STEP_RUNNER", binary.to_str().unwrap());
+    // gitlab-runner runs `run:` jobs with the step-runner in the PATH; a job cannot change it.
+    let out = env.job().run_whole_job(
+        "command -v step-runner; step-runner proxy; if echo x >> /usr/local/bin/step-runner; then echo WRITABLE; fi",
+    );
+    assert!(out.stdout.contains("/usr/local/bin/step-runner\nstep-runner says proxy"), "{}", out.describe());
+    assert!(!out.stdout.contains("WRITABLE"), "{}", out.describe());
+    assert_eq!(fs::read_to_string(&binary).unwrap(), "#!/bin/sh\necho step-runner says $*\n");
+    // A setting naming nothing binds nothing.
+    env.set("NSPAWN_RUNNER_STEP_RUNNER", env.work.join("missing").to_str().unwrap());
+    let out = env.job().run_whole_job("command -v step-runner || echo no step-runner");
+    assert!(out.stdout.contains("no step-runner"), "{}", out.describe());
 }
 
 fn sigterm_during_build_script(kind: StoreKind) {

@@ -8,8 +8,34 @@ use crate::store::{is_old_layout, Image};
 use std::path::Path;
 use std::process::Command;
 
-/// Packages every image gets: what a booted job machine and gitlab-runner's scripts need.
-const BASE_PACKAGES: [&str; 4] = ["systemd", "dbus", "git", "ca-certificates"];
+/// Packages every image gets: what a booted job machine and gitlab-runner's scripts need, and
+/// python3 for ansible's modules (as the Python nspawn-runner always included it).
+const BASE_PACKAGES: [&str; 5] = ["systemd", "dbus", "git", "ca-certificates", "python3"];
+
+/// Debian codenames and suite names: an image called like one is made of that release.
+const DEBIAN_RELEASES: [&str; 12] = [
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "unstable",
+    "testing",
+    "stable",
+    "oldstable",
+    "experimental",
+];
+
+/// The Debian suite a new image `name` is made of: its own name when that is a Debian
+/// release, else NSPAWN_RUNNER_SUITE.
+pub fn suite_for(name: &str, settings: &Settings) -> String {
+    match DEBIAN_RELEASES.iter().find(|r| **r == name) {
+        Some(release) => (*release).to_owned(),
+        None => settings.suite.clone(),
+    }
+}
 
 /// Creates the image directory for a new image; an existing image is an error.
 pub fn new_image_dir(image: &Image) -> Result<()> {
@@ -60,4 +86,18 @@ pub fn collect(settings: &Settings, image: &Image) -> Result<()> {
         println!("image {}: deleted {name}", image.name());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_named_after_a_release_is_that_release() {
+        let settings = Settings::from_vars([("NSPAWN_RUNNER_SUITE".to_owned(), "trixie".to_owned())]).unwrap();
+        assert_eq!(suite_for("bookworm", &settings), "bookworm");
+        assert_eq!(suite_for("sid", &settings), "sid");
+        assert_eq!(suite_for("default", &settings), "trixie");
+        assert_eq!(suite_for("bookworm-ci", &settings), "trixie");
+    }
 }

@@ -1,7 +1,8 @@
 //! `nspawn-runner image ...`: create, import, list, login, rollback, gc, remove, adopt.
 
-use super::build::{bootstrap, collect, make_bootable, new_image_dir};
+use super::build::{bootstrap, collect, make_bootable, new_image_dir, suite_for};
 use super::maintain;
+use crate::admin::format_age;
 use crate::cli::ImageSub;
 use crate::error::{Context, Error, Result};
 use crate::jobs::leases;
@@ -9,7 +10,7 @@ use crate::jobs::state::StateDir;
 use crate::lock::Mode;
 use crate::machine::chroot::{run_in_tree, TreeCommand};
 use crate::names::{ImageName, JobId, SnapshotName};
-use crate::settings::Settings;
+use crate::settings::{ImageSettings, Settings};
 use crate::store::gc;
 use crate::store::transaction::{Base, Transaction};
 use crate::store::{is_old_layout, Entry, Image, Store};
@@ -21,14 +22,14 @@ pub fn dispatch(command: ImageSub) -> Result<()> {
     let settings = Settings::from_env()?;
     match command {
         ImageSub::Create(args) => {
-            let suite = args.suite.unwrap_or_else(|| settings.suite.clone());
+            let suite = args.suite.unwrap_or_else(|| suite_for(&args.name, &settings));
             let mirror = args.mirror.or_else(|| settings.mirror.clone());
             let mut packages = settings.extra_packages();
             packages.extend(crate::settings::split_list(args.include.as_deref().unwrap_or("")));
             create(&settings, &ImageName::parse(&args.name)?, &suite, mirror.as_deref(), &packages)
         }
         ImageSub::Import(args) => import(&settings, &ImageName::parse(&args.name)?, &args.source),
-        ImageSub::List(args) => list(&settings, args.name.as_deref()),
+        ImageSub::List(args) => list(&settings, args.name.as_deref(), args.json),
         ImageSub::Login(args) => login(&settings, &ImageName::parse(&args.name)?, args.discard),
         ImageSub::Maintain(args) => maintain::maintain(&settings, args),
         ImageSub::Rollback(args) => rollback(&settings, &ImageName::parse(&args.name)?, args.snapshot.as_deref()),
@@ -131,7 +132,9 @@ fn snapshot_role(
     roles.join(", ")
 }
 
-fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
+/// `image list`: every image (or `only`) with its settings, snapshots and their roles, as
+/// text or (`json`) as a JSON array.
+fn list(settings: &Settings, only: Option<&str>, json: bool) -> Result<()> {
     let store = Store::open(settings)?;
     let names = match only {
         Some(name) => vec![ImageName::parse(name)?],
@@ -139,7 +142,7 @@ fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
     };
     let states = StateDir::new(settings).all()?;
     let now = SnapshotName::now().time();
-    println!("store {} ({})", store.root().display(), store.backend().name());
+    let mut images = Vec::new();
     for name in names {
         let image = store.image(&name);
         if only.is_none() && image.unfinished() {
@@ -147,12 +150,9 @@ fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
             continue;
         }
         image.must_exist()?;
+        let image_settings = ImageSettings::load(&settings.config_dir, &name)?;
         let current = image.current();
-        let current_label = match &current {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("BROKEN: {e}"),
-        };
-        println!("{name}: current {current_label}");
+        let broken = current.as_ref().err().map(|e| e.to_string());
         let current = current.ok();
         let leases = leases::in_use(&image, &states).leased;
         let snapshots = image.snapshots()?;
@@ -160,32 +160,59 @@ fn list(settings: &Settings, only: Option<&str>) -> Result<()> {
             Some(current) => gc::split_previous(&snapshots, current, settings.keep).1,
             None => Vec::new(),
         };
-        for snapshot in &snapshots {
-            let age = now.saturating_sub(snapshot.time());
-            println!(
-                "  {snapshot:<24} {:>8}  {}",
-                format_age(age),
-                snapshot_role(snapshot, current.as_ref(), &kept, &leases)
-            );
-        }
+        let mut entries: Vec<serde_json::Value> = snapshots
+            .iter()
+            .map(|snapshot| {
+                serde_json::json!({
+                    "name": snapshot.to_string(),
+                    "age_seconds": now.saturating_sub(snapshot.time()),
+                    "role": snapshot_role(snapshot, current.as_ref(), &kept, &leases),
+                })
+            })
+            .collect();
         for entry in image.entries()? {
-            match entry {
-                Entry::Pending(n) => println!("  {n:<24} {:>8}  orphaned or in progress (transaction)", "-"),
-                Entry::Ephemeral(n) => println!("  {n:<24} {:>8}  job machine copy", "-"),
-                _ => {}
-            }
+            let (n, role) = match entry {
+                Entry::Pending(n) => (n, "orphaned or in progress (transaction)"),
+                Entry::Ephemeral(n) => (n, "job machine copy"),
+                _ => continue,
+            };
+            entries.push(serde_json::json!({"name": n, "age_seconds": null, "role": role}));
+        }
+        images.push(serde_json::json!({
+            "image": name.as_str(),
+            "current": current.map(|c| c.to_string()),
+            "broken": broken,
+            "settings": image_settings,
+            "snapshots": entries,
+        }));
+    }
+    if json {
+        let listing = serde_json::json!({"store": store.root(), "backend": store.backend().name(), "images": images});
+        println!("{listing}");
+        return Ok(());
+    }
+    println!("store {} ({})", store.root().display(), store.backend().name());
+    for image in &images {
+        let current = match (&image["current"], &image["broken"]) {
+            (serde_json::Value::String(c), _) => c.clone(),
+            (_, broken) => format!("BROKEN: {}", broken.as_str().unwrap_or("no current snapshot")),
+        };
+        println!("{}: current {current}", image["image"].as_str().unwrap_or("?"));
+        let image_settings: ImageSettings = serde_json::from_value(image["settings"].clone()).unwrap_or_default();
+        let summary = image_settings.summary();
+        if !summary.is_empty() {
+            println!("  settings: {summary}");
+        }
+        for snapshot in image["snapshots"].as_array().into_iter().flatten() {
+            let age = snapshot["age_seconds"].as_u64().map(format_age).unwrap_or_else(|| "-".to_owned());
+            println!(
+                "  {:<24} {age:>8}  {}",
+                snapshot["name"].as_str().unwrap_or("?"),
+                snapshot["role"].as_str().unwrap_or("?")
+            );
         }
     }
     Ok(())
-}
-
-fn format_age(seconds: u64) -> String {
-    match seconds {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
 }
 
 fn login(settings: &Settings, name: &ImageName, discard: bool) -> Result<()> {
@@ -232,7 +259,12 @@ fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Resu
 fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     let store = Store::open(settings)?;
     let states = StateDir::new(settings);
-    // Crashed jobs first: their leases end, so gc can free their snapshots too.
+    // Kept machines of failed jobs whose time is up, and crashed jobs first: their leases
+    // end, so gc can free their snapshots too.
+    let host = crate::machine::host(settings);
+    for job in crate::stages::cleanup::stop_expired_kept(settings, host.as_ref(), &store)? {
+        println!("stopped the kept machine of failed job {job}");
+    }
     for machine in leases::reap_crashed(&store, &states)? {
         println!("reaped leftovers of {machine}");
     }

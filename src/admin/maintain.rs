@@ -1,6 +1,6 @@
 //! `image maintain`: hooks, a playbook, a script or a command run in a new snapshot, then commit.
 
-use super::build::{bootstrap, collect, new_image_dir};
+use super::build::{bootstrap, collect, new_image_dir, suite_for};
 use crate::cli::ImageMaintain;
 use crate::error::{Context, Error, Result};
 use crate::machine::chroot::{run_in_tree_checked, TreeCommand};
@@ -41,6 +41,12 @@ pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
     let name = ImageName::parse(name)?;
     // argh keeps the `--` that separates the command from our options.
     let separated = command.first().is_some_and(|a| a == "--");
+    if !command.is_empty() && !separated {
+        return Err(Error::new(format!(
+            "unexpected {:?} after the image name: put a command after `--` (image maintain {name} -- CMD ARGS...)",
+            command.join(" ")
+        )));
+    }
     let command = if separated { &command[1..] } else { command };
     let work = match (command.is_empty(), args.script) {
         (false, Some(_)) => return Err(Error::new("give either --script or a command, not both")),
@@ -64,7 +70,7 @@ fn maintain_all(settings: &Settings) -> Result<()> {
     let mut failed = Vec::new();
     for name in &names {
         if let Err(e) = maintain_one(settings, name, &Work::Configured) {
-            eprintln!("nspawn-runner: {e}");
+            log::error!("{e}");
             failed.push(name.to_string());
         }
     }
@@ -107,7 +113,7 @@ fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()
             Work::Configured if !created && settings.recreates(name.as_str()) => {
                 Some(debian_codename(&image.snapshot_path(&image.current()?)).unwrap_or_else(|| settings.suite.clone()))
             }
-            _ if created => Some(settings.suite.clone()),
+            _ if created => Some(suite_for(name.as_str(), settings)),
             _ => None,
         };
         let tx = Transaction::begin(&image, if rebuild_suite.is_some() { Base::Empty } else { Base::Current })?;
@@ -197,20 +203,38 @@ pub fn run_configured_steps(settings: &Settings, tx: &Transaction, default_upgra
         run_in_tree_checked(&tree_command(tx.tree(), &command, vec![]))?;
     }
     if let Some(playbook) = playbook {
-        run_playbook(tx.tree(), &playbook)?;
+        run_playbook(tx.tree(), name, &playbook)?;
     }
     Ok(())
 }
 
+/// Where ansible's modules expect the interpreter inside the tree.
+const PYTHON_IN_TREE: &str = "usr/bin/python3";
+
+/// Fails when the tree has no python3, before ansible fails somewhere inside with `python: not found`.
+fn require_python(tree: &Path, name: &ImageName) -> Result<()> {
+    // symlink_metadata: the link itself (python3 -> python3.x) is in the tree; its target need
+    // not be resolved against the host.
+    if std::fs::symlink_metadata(tree.join(PYTHON_IN_TREE)).is_ok() {
+        return Ok(());
+    }
+    Err(Error::new(format!(
+        "image {name} has no /{PYTHON_IN_TREE}, which its ansible playbook needs: install python3 in a hook \
+         ({name}.d/) or with `nspawn-runner image maintain {name} -- apt-get install -y python3`"
+    )))
+}
+
 /// Runs an ansible playbook against the tree through ansible's chroot connection, with this
 /// binary (as `nspawn-runner-chroot`) as the chroot executable, so tasks run under nspawn.
-fn run_playbook(tree: &Path, playbook: &Path) -> Result<()> {
+fn run_playbook(tree: &Path, name: &ImageName, playbook: &Path) -> Result<()> {
     let Some(ansible) = find_in_path("ansible-playbook") else {
         log::warn!("{} exists but ansible-playbook is not installed: skipped", playbook.display());
         return Ok(());
     };
-    let work = std::env::temp_dir().join(format!("nspawn-runner-ansible-{}", std::process::id()));
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    require_python(tree, name)?;
+    // An unpredictable name, made mode 0700 by mkdtemp: nobody can plant an inventory in it.
+    let template = std::env::temp_dir().join("nspawn-runner-ansible-XXXXXX");
+    let work = nix::unistd::mkdtemp(&template).with_context(|| format!("creating {}", template.display()))?;
     let result = (|| {
         let chroot_exe = work.join(CHROOT_EXE_NAME);
         std::os::unix::fs::symlink(std::env::current_exe().context("locating this binary")?, &chroot_exe)
@@ -259,6 +283,19 @@ mod tests {
         std::fs::write(tree.join("usr/lib/os-release"), "NAME=\"Debian\"\nVERSION_CODENAME=bookworm\n").unwrap();
         std::os::unix::fs::symlink("../usr/lib/os-release", tree.join("etc/os-release")).unwrap();
         assert_eq!(debian_codename(&tree).as_deref(), Some("bookworm"));
+        std::fs::remove_dir_all(&tree).unwrap();
+    }
+
+    #[test]
+    fn playbooks_need_python3_in_the_tree() {
+        let tree = std::env::temp_dir().join(format!("nspawn-runner-python-{}", std::process::id()));
+        let name = ImageName::parse("img").unwrap();
+        std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        let e = require_python(&tree, &name).unwrap_err().to_string();
+        assert!(e.contains("image img has no /usr/bin/python3") && !e.contains('\n'), "{e}");
+        // a relative link into the tree counts, whatever the host has
+        std::os::unix::fs::symlink("python3.11", tree.join("usr/bin/python3")).unwrap();
+        assert!(require_python(&tree, &name).is_ok());
         std::fs::remove_dir_all(&tree).unwrap();
     }
 

@@ -1,7 +1,7 @@
 //! What gitlab-runner tells a stage about the job: `CUSTOM_ENV_*` and the exit-code variables.
 
 use crate::error::{Error, Result};
-use crate::names::{ImageName, JobId};
+use crate::names::JobId;
 use once_cell::sync::Lazy;
 use serde::Deserialize;
 
@@ -32,13 +32,30 @@ impl JobEnv {
             None => Err(Error::new("no job id: CUSTOM_ENV_CI_JOB_ID is not set (use --job-id by hand)")),
         }
     }
+}
 
-    /// The image: `override_image` (from the command line) or the job's `image:`, mapped.
-    pub fn image(&self, override_image: Option<&str>, default_image: &str) -> Result<ImageName> {
-        match override_image {
-            Some(name) => ImageName::parse(name),
-            None => ImageName::from_job_image(self.job_image.as_deref().unwrap_or(""), default_image),
+/// The GitLab project of the job, from the job payload gitlab-runner wrote (`JOB_RESPONSE_FILE`,
+/// `job_info.project_id`): unlike `CUSTOM_ENV_*`, nothing a project sets can change it. None
+/// when there is no payload (a stage run by hand).
+pub fn project_id(response_file: Option<&std::path::Path>) -> Result<Option<u64>> {
+    #[derive(Deserialize)]
+    struct Response {
+        job_info: Option<JobInfo>,
+    }
+    #[derive(Deserialize)]
+    struct JobInfo {
+        project_id: Option<serde_json::Value>,
+    }
+    let Some(path) = response_file else { return Ok(None) };
+    let bad = |why: &str| Error::new(format!("JOB_RESPONSE_FILE {}: {why}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(&e.to_string()))?;
+    let response: Response = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
+    match response.job_info.and_then(|info| info.project_id) {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(Some).ok_or_else(|| bad("job_info.project_id is not a project id"))
         }
+        Some(_) => Err(bad("job_info.project_id is not a number")),
+        None => Err(bad("no job_info.project_id")),
     }
 }
 
@@ -87,8 +104,7 @@ mod tests {
         .unwrap();
         assert_eq!(env.job_id(None).unwrap().as_str(), "4711");
         assert_eq!(env.job_id(Some("5")).unwrap().as_str(), "5");
-        assert_eq!(env.image(None, "default").unwrap().as_str(), "debian-trixie");
-        assert_eq!(env.image(Some("other"), "default").unwrap().as_str(), "other");
+        assert_eq!(env.job_image.as_deref(), Some("debian:trixie"));
     }
 
     #[test]
@@ -97,7 +113,23 @@ mod tests {
         assert!(env.job_id(None).is_err());
         let env = JobEnv::from_vars(vars(&[("CUSTOM_ENV_CI_JOB_ID", "1/2")])).unwrap();
         assert!(env.job_id(None).is_err());
-        assert_eq!(env.image(None, "bookworm").unwrap().as_str(), "bookworm");
+    }
+
+    #[test]
+    fn the_project_comes_from_the_job_payload_and_must_be_a_number() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("response.json");
+        let project = |json: &str| {
+            std::fs::write(&file, json).unwrap();
+            project_id(Some(&file))
+        };
+        assert_eq!(project(r#"{"id":1,"job_info":{"name":"a","project_id":42}}"#).unwrap(), Some(42));
+        for bad in [r#"{"id":1}"#, r#"{"job_info":{"project_id":"../1"}}"#, r#"{"job_info":{"project_id":-1}}"#, "{"] {
+            assert!(project(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(project_id(None).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub fn reap_crashed(store: &Store, states: &StateDir) -> Result<Vec<String>> {
         let Ok(Some(_lock)) = states.try_lock_job(&state.job_id) else { continue };
         let copy = state.machine.running.as_ref().and_then(|r| r.ephemeral.as_deref());
         store.job_leftovers(&state.image, &state.snapshot, &state.job_id).delete(copy)?;
+        if let Some(running) = &state.machine.running {
+            crate::machine::cgroup::remove(&running.cgroups)?;
+        }
         states.remove(&state.job_id)?;
         states.remove_lock(&state.job_id)?;
         reaped.push(state.job_id.machine_name());

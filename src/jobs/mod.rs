@@ -1,6 +1,7 @@
-//! A job: gitlab-runner's variables for it, its state record and the state directory, its leases.
+//! A job: gitlab-runner's variables for it, the image it gets, its state record and the state directory, its leases.
 
 pub mod env;
+pub mod image;
 pub mod leases;
 pub mod script;
 pub mod state;

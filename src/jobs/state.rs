@@ -27,6 +27,9 @@ pub enum Phase {
     Running,
     /// cleanup is stopping the machine and deleting what the job left.
     Stopping,
+    /// The job failed and cleanup left its machine up for debugging (NSPAWN_RUNNER_KEEP_FAILED)
+    /// until `kept_until`; gc (or the next cleanup) stops it after that.
+    Kept,
 }
 
 impl Phase {
@@ -36,6 +39,7 @@ impl Phase {
             Phase::Booting => "booting",
             Phase::Running => "running",
             Phase::Stopping => "stopping",
+            Phase::Kept => "kept",
         }
     }
 }
@@ -56,6 +60,12 @@ pub struct JobState {
     pub job_dir: Option<PathBuf>,
     #[serde(default)]
     pub phase: Phase,
+    /// A run stage of the job's own scripts failed (a build failure).
+    #[serde(default)]
+    pub failed: bool,
+    /// Kept machines: when (unix seconds) gc may stop them.
+    #[serde(default)]
+    pub kept_until: Option<u64>,
 }
 
 /// The state files of one state dir.
@@ -77,6 +87,11 @@ impl StateDir {
         self.dir.join(format!("{job}.log"))
     }
 
+    /// The seccomp filters of the job machine's init, read at prepare, loaded by every run.
+    pub fn seccomp_path(&self, job: &JobId) -> PathBuf {
+        self.dir.join(format!("{job}.seccomp"))
+    }
+
     /// Serialises prepare and cleanup of one job; gc skips jobs whose lock is held.
     pub fn lock_job(&self, job: &JobId, timeout: Duration) -> Result<Lock> {
         Lock::acquire(&self.lock_path(job), Mode::Exclusive, timeout, &format!("job {job}"))
@@ -85,6 +100,14 @@ impl StateDir {
     /// Takes the job's lock only if nobody holds it.
     pub fn try_lock_job(&self, job: &JobId) -> Result<Option<Lock>> {
         Lock::try_acquire(&self.lock_path(job), Mode::Exclusive)
+    }
+
+    /// Serialises decisions that depend on every job's record (the choice of a uid range):
+    /// a lock on the directory itself, so it leaves no file behind. Held for milliseconds.
+    pub fn lock_all(&self) -> Result<nix::fcntl::Flock<std::fs::File>> {
+        let dir = std::fs::File::open(&self.dir).with_context(|| format!("opening {}", self.dir.display()))?;
+        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::from(e).context(format!("locking {}", self.dir.display())))
     }
 
     fn lock_path(&self, job: &JobId) -> PathBuf {
@@ -117,9 +140,10 @@ impl StateDir {
         std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Removes the job's state and log files.
+    /// Removes the job's state, log and seccomp files.
     pub fn remove(&self, job: &JobId) -> Result<()> {
         remove_if_present(&self.path(job))?;
+        remove_if_present(&self.seccomp_path(job))?;
         remove_if_present(&self.log_path(job))
     }
 
@@ -162,7 +186,17 @@ impl JobState {
     /// The record of job `job_id` pinned to `snapshot`, before anything is started.
     pub fn pinned(job_id: JobId, store: PathBuf, image: ImageName, snapshot: SnapshotName) -> JobState {
         let machine = Machine::new(job_id.machine_name());
-        JobState { job_id, machine, store, image, snapshot, job_dir: None, phase: Phase::Pinned }
+        JobState {
+            job_id,
+            machine,
+            store,
+            image,
+            snapshot,
+            job_dir: None,
+            phase: Phase::Pinned,
+            failed: false,
+            kept_until: None,
+        }
     }
 
     /// True while the job may still use its snapshot: its machine runs, or prepare/cleanup
@@ -177,12 +211,28 @@ impl JobState {
         if busy {
             self.phase.as_str()
         } else if self.machine.is_up() {
-            "running"
+            if self.phase == Phase::Kept {
+                "kept"
+            } else {
+                "running"
+            }
         } else if self.machine.running.is_some() {
             "dead"
         } else {
             "crashed"
         }
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl JobState {
+    /// True for a machine kept after a failure whose time is up (at unix time `now`).
+    pub fn kept_expired(&self, now: u64) -> bool {
+        self.phase == Phase::Kept && self.kept_until.is_none_or(|until| until <= now)
     }
 }
 
@@ -206,6 +256,7 @@ mod tests {
             leader_start_time: 2,
             ephemeral: None,
             cgroup: Some("/machine.slice/nspawn-runner-run-42.service".into()),
+            cgroups: vec![],
         });
         state.phase = Phase::Running;
         state
@@ -229,6 +280,20 @@ mod tests {
         let state: JobState = serde_json::from_str(old).unwrap();
         assert_eq!((state.machine.name.as_str(), state.phase), ("run-42", Phase::Booting));
         assert_eq!(state.condition(false), "crashed");
+        assert!(!state.failed && state.kept_until.is_none());
+    }
+
+    #[test]
+    fn kept_machines_expire() {
+        let mut state = record();
+        assert!(!state.kept_expired(100));
+        state.phase = Phase::Kept;
+        state.kept_until = Some(100);
+        assert!(!state.kept_expired(99) && state.kept_expired(100));
+        state.kept_until = None;
+        assert!(state.kept_expired(0));
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<JobState>(&json).unwrap(), state);
     }
 
     #[test]

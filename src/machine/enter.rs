@@ -1,5 +1,7 @@
 //! Running a job script inside a machine by joining its namespaces (setns), no helper process.
 
+use super::privileges::{self, Capabilities, Limits};
+use super::seccomp::Filters;
 use super::{Running, SAFE_PATH};
 use crate::error::{Context, Error, Result};
 use nix::sched::{setns, CloneFlags};
@@ -22,16 +24,18 @@ pub enum ScriptOutcome {
     Terminated,
 }
 
-/// The namespaces to join, user first (it grants the rights for the others), mount last
-/// (after it, /proc/<pid>/ns paths of the host are no longer reachable).
+/// The namespaces to join, in order. The pid namespace is joined before the fork (it applies to
+/// children); the user namespace last, so that host root's rights in the machine's other
+/// namespaces are used before they are given up; after the mount namespace, /proc/<pid>/ns
+/// paths of the host are no longer reachable (all are opened first).
 const NAMESPACES: [(&str, CloneFlags); 7] = [
-    ("user", CloneFlags::CLONE_NEWUSER),
     ("cgroup", CloneFlags::CLONE_NEWCGROUP),
     ("ipc", CloneFlags::CLONE_NEWIPC),
     ("uts", CloneFlags::CLONE_NEWUTS),
     ("net", CloneFlags::CLONE_NEWNET),
     ("pid", CloneFlags::CLONE_NEWPID),
     ("mnt", CloneFlags::CLONE_NEWNS),
+    ("user", CloneFlags::CLONE_NEWUSER),
 ];
 
 /// Opens the namespaces of `leader` that differ from ours.
@@ -51,56 +55,85 @@ fn open_namespaces(leader: i32) -> Result<Vec<(File, CloneFlags)>> {
     Ok(joined)
 }
 
-/// The capability bounding set of the machine's init, so an entered script gets no more
-/// privileges than the machine's own processes.
-fn bounding_set(leader: i32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{leader}/status")).context("reading machine init status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| Error::new("no CapBnd in machine init status"))
+/// Reads the machine's seccomp filters once, at prepare, into `path` (see `Filters::capture`).
+pub fn capture_seccomp(running: &Running, path: &Path) -> Result<()> {
+    Filters::capture(running.leader_pid)?.save(path)
 }
 
-/// Sub-cgroup of a machine's unit that entered scripts join (cgroup v2 only).
-const JOB_CGROUP: &str = "nspawn-runner-job";
+/// The filters prepare saved at `path`; read from the machine's init if there is no file (a
+/// job prepared by an earlier version).
+fn machine_filters(running: &Running, path: &Path) -> Result<Filters> {
+    if path.exists() {
+        Filters::load(path)
+    } else {
+        log::info!("no {}: reading the machine's seccomp filter now", path.display());
+        Filters::capture(running.leader_pid)
+    }
+}
 
-/// Opens `cgroup.procs` of a leaf cgroup below `unit_cgroup` (a path like
-/// `/machine.slice/x.service`), creating it; `None` where that is not possible.
-fn open_job_cgroup(unit_cgroup: &str) -> Option<File> {
-    let base = Path::new("/sys/fs/cgroup");
-    if !base.join("cgroup.controllers").exists() {
-        return None; // cgroup v1: the unit's limits cannot be joined this way
-    }
-    let dir = base.join(unit_cgroup.trim_start_matches('/')).join(JOB_CGROUP);
-    if let Err(e) = std::fs::create_dir(&dir) {
-        if e.kind() != std::io::ErrorKind::AlreadyExists {
-            log::warn!("cannot create {}: {e}; the script runs outside the machine's cgroup", dir.display());
-            return None;
+/// Everything the forked child needs to become a process of the machine, gathered on the host.
+struct Entry {
+    cgroups: Vec<File>,
+    limits: Limits,
+    namespaces: Vec<(File, CloneFlags)>,
+    root: File,
+    capabilities: Capabilities,
+    filters: Filters,
+}
+
+impl Entry {
+    /// Gathers what the machine's init has (its seccomp filters from `seccomp`, see
+    /// `machine_filters`), and joins its pid namespace here, so the forked child is the
+    /// machine's process (as nsenter does with its extra fork). This process is
+    /// single-threaded and forks nothing else.
+    fn open(running: &Running, seccomp: &Path) -> Result<Entry> {
+        let leader = running.leader_pid;
+        let mut entry = Entry {
+            cgroups: privileges::open_cgroups_of(leader)?,
+            limits: Limits::of(leader)?,
+            namespaces: open_namespaces(leader)?,
+            root: File::open(format!("/proc/{leader}/root")).context("opening the machine's root")?,
+            capabilities: Capabilities::of(leader)?,
+            filters: machine_filters(running, seccomp)?,
+        };
+        if let Some(index) = entry.namespaces.iter().position(|(_, flag)| *flag == CloneFlags::CLONE_NEWPID) {
+            let (pid_ns, flag) = entry.namespaces.remove(index);
+            setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
         }
+        Ok(entry)
     }
-    std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")).ok()
+
+    /// `argv` to run as root inside the machine, in a clean environment, with our stdout and
+    /// stderr; in a session of its own when `own_session` (else in our terminal's session).
+    fn command(self, argv: &[String], own_session: bool) -> Command {
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .env_clear()
+            .env("PATH", SAFE_PATH)
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("LOGNAME", "root")
+            .env("SHELL", "/bin/bash")
+            .env("LANG", "C.UTF-8")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe system calls run between fork and exec.
+        unsafe {
+            command.pre_exec(move || enter_machine(&self, own_session));
+        }
+        command
+    }
 }
 
 /// Runs `script` with bash as root inside the machine of `running`, in a clean environment,
-/// with our stdout/stderr, on either kind of host. Where the machine is a systemd unit, the
-/// script joins a cgroup below the unit's, so the unit's limits (MemoryMax, TasksMax,
-/// CPUWeight) bind it like every other process of the machine. On SIGTERM/SIGINT/SIGHUP the
-/// script's process group gets SIGTERM, then SIGKILL after `grace`.
-pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<ScriptOutcome> {
-    let cgroup_procs = running.cgroup.as_deref().and_then(open_job_cgroup);
+/// with our stdout/stderr, on either kind of host. The script gets what the machine's init has:
+/// its cgroups, rlimits, namespaces, root, capability sets, NoNewPrivs and seccomp filters
+/// (those prepare saved at `seccomp`), and no file descriptor of ours but stdio. On
+/// SIGTERM/SIGINT/SIGHUP the script's process group gets SIGTERM, then SIGKILL after `grace`.
+pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Duration) -> Result<ScriptOutcome> {
     let script_file = File::open(script).with_context(|| format!("opening script {}", script.display()))?;
-    let mut namespaces = open_namespaces(running.leader_pid)?;
-    // A pid namespace applies to the children of whoever joins it: join it here, so the forked
-    // bash is the machine's process (as nsenter does with its extra fork). This process is
-    // single-threaded and forks nothing else.
-    if let Some(index) = namespaces.iter().position(|(_, flag)| *flag == CloneFlags::CLONE_NEWPID) {
-        let (pid_ns, flag) = namespaces.remove(index);
-        setns(std::os::fd::AsFd::as_fd(&pid_ns), flag).context("joining the machine's pid namespace")?;
-    }
-    let keep_caps = bounding_set(running.leader_pid)?;
-    let machine_root =
-        File::open(format!("/proc/{}/root", running.leader_pid)).context("opening the machine's root")?;
+    let entry = Entry::open(running, seccomp)?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
     let signals = crate::signals::stop_set();
@@ -108,31 +141,10 @@ pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<S
     blocked.add(Signal::SIGCHLD);
     blocked.thread_block().context("blocking signals")?;
 
-    let mut command = Command::new("/bin/bash");
-    command
-        .arg("-s")
-        .env_clear()
-        .env("PATH", SAFE_PATH)
-        .env("HOME", "/root")
-        .env("USER", "root")
-        .env("LOGNAME", "root")
-        .env("SHELL", "/bin/bash")
-        .env("LANG", "C.UTF-8")
-        // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
-        .stdin(Stdio::from(script_file))
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    // SAFETY: only async-signal-safe system calls run between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                use std::os::fd::AsFd;
-                // "0" moves the writing process; a failure only loses the limits, not the job.
-                let _ = nix::unistd::write(procs.as_fd(), b"0");
-            }
-            enter_machine(&namespaces, &machine_root, keep_caps)
-        });
-    }
+    let argv = ["/bin/bash".to_owned(), "-s".to_owned()];
+    let mut command = entry.command(&argv, true);
+    // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
+    command.stdin(Stdio::from(script_file));
     let child = command.spawn();
     let child = match child {
         Ok(child) => child,
@@ -147,33 +159,81 @@ pub fn run_script(running: &Running, script: &Path, grace: Duration) -> Result<S
     outcome
 }
 
-/// In the forked child: join the machine, drop privileges it does not have, get a session.
-fn enter_machine(namespaces: &[(File, CloneFlags)], machine_root: &File, keep_caps: u64) -> std::io::Result<()> {
+/// Runs `command` (an interactive login shell when empty) as root inside the machine of
+/// `running`, with what an entered script gets, on our terminal: stdin too is ours, `TERM` is
+/// passed on, and the keyboard's SIGINT and SIGQUIT are the shell's, not ours. Returns its
+/// exit code.
+pub fn open_shell(running: &Running, seccomp: &Path, command: &[String]) -> Result<i32> {
+    let login = ["/bin/bash".to_owned(), "--login".to_owned()];
+    let argv = if command.is_empty() { &login[..] } else { command };
+    let mut child = Entry::open(running, seccomp)?.command(argv, false);
+    child.stdin(Stdio::inherit());
+    if let Some(term) = std::env::var_os("TERM") {
+        child.env("TERM", term);
+    }
+    let ignore = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigIgn,
+        nix::sys::signal::SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: installing SIG_IGN, no handler code; the child puts the defaults back.
+    unsafe {
+        nix::sys::signal::sigaction(Signal::SIGINT, &ignore).context("ignoring SIGINT")?;
+        nix::sys::signal::sigaction(Signal::SIGQUIT, &ignore).context("ignoring SIGQUIT")?;
+    }
+    let status = child.status().with_context(|| format!("starting {} inside the machine", argv[0]))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1))
+}
+
+/// In the forked child, in the order of runc's setns init and LXC's attach: become
+/// non-dumpable (no machine process may ptrace us while we hold host descriptors), join the
+/// machine's cgroups, take its rlimits, join its namespaces (user last) as its root, enter its
+/// root directory, get a session, take its capabilities and NoNewPrivs, mark every descriptor
+/// but stdio close-on-exec, and load its seccomp filters last. Without `own_session` it stays
+/// in our terminal's session (an interactive shell).
+fn enter_machine(entry: &Entry, own_session: bool) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
+    let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
     SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
-    for (file, flag) in namespaces {
+    for signal in [Signal::SIGINT, Signal::SIGQUIT] {
+        // SAFETY: restoring a default disposition (a shell's parent ignores these).
+        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(std::io::Error::from)?;
+    }
+    // SAFETY (all blocks below): system calls with integer arguments or valid pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+    for procs in &entry.cgroups {
+        // "0" moves the writing process.
+        nix::unistd::write(procs.as_fd(), b"0").map_err(std::io::Error::from)?;
+    }
+    entry.limits.apply()?;
+    for (file, flag) in &entry.namespaces {
         setns(file.as_fd(), *flag).map_err(std::io::Error::from)?;
     }
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    check(unsafe { libc::setresgid(0, 0, 0) })?;
+    check(unsafe { libc::setresuid(0, 0, 0) })?;
     // Joining a mount namespace puts us at the namespace's root, which is not the machine's
     // root when nspawn had to stack it elsewhere (e.g. the host itself runs in a chroot).
     // Go to the root the machine's init sees, and make sure that is where we are.
-    nix::unistd::fchdir(machine_root.as_raw_fd()).map_err(std::io::Error::from)?;
+    nix::unistd::fchdir(entry.root.as_raw_fd()).map_err(std::io::Error::from)?;
     nix::unistd::chroot(".").map_err(std::io::Error::from)?;
     nix::unistd::chdir("/").map_err(std::io::Error::from)?;
-    let expected = nix::sys::stat::fstat(machine_root.as_raw_fd()).map_err(std::io::Error::from)?;
+    let expected = nix::sys::stat::fstat(entry.root.as_raw_fd()).map_err(std::io::Error::from)?;
     let actual = nix::sys::stat::stat("/").map_err(std::io::Error::from)?;
     if (expected.st_dev, expected.st_ino) != (actual.st_dev, actual.st_ino) {
         return Err(std::io::Error::other("could not enter the machine's root directory"));
     }
-    for cap in 0..64u64 {
-        if keep_caps & (1 << cap) == 0 {
-            // EINVAL for capabilities this kernel does not know: nothing to drop.
-            // SAFETY: prctl with integer arguments only.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        }
-    }
     // Its own session and process group: we decide when the script is signalled.
-    nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
+    if own_session {
+        nix::unistd::setsid().map_err(std::io::Error::from)?;
+    }
+    entry.capabilities.apply()?;
+    // Whatever gitlab-runner or we left open (namespaces, cgroups, the machine's root) closes
+    // at exec; std's own exec-error pipe already is close-on-exec.
+    check(unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) })?;
+    entry.filters.apply()
 }
 
 /// Waits for the script, forwarding a stop request as SIGTERM then SIGKILL to its group.
@@ -224,12 +284,5 @@ mod tests {
     fn own_namespaces_are_not_joined() {
         let me = std::process::id() as i32;
         assert!(open_namespaces(me).unwrap().is_empty());
-    }
-
-    #[test]
-    fn bounding_set_is_read_from_proc() {
-        let me = std::process::id() as i32;
-        assert!(bounding_set(me).is_ok());
-        assert!(bounding_set(i32::MAX).is_err());
     }
 }

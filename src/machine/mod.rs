@@ -1,11 +1,16 @@
 //! Machine lifecycle: start a job's nspawn machine, run scripts in it, stop it.
 
+pub mod cgroup;
 pub mod chroot;
 mod enter;
+pub mod idmap;
 mod notify;
 pub mod nspawn;
 mod plain;
+mod privileges;
 mod running;
+mod seccomp;
+pub mod spawn;
 mod systemd;
 
 use crate::error::{Context, Error, Result};
@@ -16,7 +21,7 @@ use nspawn::{Bind, BootRoot, Nspawn};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use enter::{run_script, ScriptOutcome};
+pub use enter::{open_shell, run_script, ScriptOutcome};
 pub use running::{process_start_time, Machine, Running};
 
 /// Everything needed to boot one job's machine.
@@ -25,6 +30,8 @@ pub struct MachineSpec<'s> {
     /// The snapshot to boot (never written to).
     pub tree: PathBuf,
     pub root: JobRoot,
+    /// The base of the job's uid range (root in the machine), or None for a privileged machine.
+    pub uid_base: Option<u32>,
     /// Private directory for the job's writes (overlay upper dir lives in it).
     pub job_dir: Option<PathBuf>,
     /// What an aborted boot may leave in the store, for the host to delete.
@@ -32,6 +39,8 @@ pub struct MachineSpec<'s> {
     pub binds: Vec<Bind>,
     /// systemd unit properties (systemd-host path only).
     pub properties: Vec<String>,
+    /// The limits of the machine's own cgroup (plain host path only).
+    pub limits: cgroup::Limits,
     /// Where the machine's console output goes (plain path).
     pub log: PathBuf,
     pub ready_timeout: Duration,
@@ -45,6 +54,11 @@ pub trait Host {
     fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
     /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()>;
+    /// Saves the seccomp filters of the ready machine's init at `path`, for `run_script`; the
+    /// same on both kinds of host.
+    fn capture_seccomp(&self, running: &Running, path: &Path) -> Result<()> {
+        enter::capture_seccomp(running, path)
+    }
 }
 
 /// True when PID 1 is systemd (the same test as sd_booted(3)).
@@ -76,15 +90,33 @@ const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 
 /// systemd-nspawn's command line for `spec`. `register` says whether machined is there.
 fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
-    let upper;
-    let root = match spec.root {
-        JobRoot::EphemeralSnapshot => BootRoot::Ephemeral,
-        JobRoot::Overlay => {
-            upper = spec.job_dir.clone().unwrap_or_default().join("upper");
-            BootRoot::Overlay { upper: &upper }
-        }
+    let job_dir = spec.job_dir.clone().unwrap_or_default();
+    let upper = job_dir.join("upper");
+    let (tree, root) = match (spec.root, spec.uid_base) {
+        (JobRoot::EphemeralSnapshot, _) => (spec.tree.clone(), BootRoot::Ephemeral),
+        (JobRoot::Overlay, None) => (spec.tree.clone(), BootRoot::Overlay { upper: &upper }),
+        // The spawn wrapper mounts the overlay itself: nspawn cannot idmap its own --overlay.
+        (JobRoot::Overlay, Some(_)) => (spawn::overlay_root(&job_dir), BootRoot::Directory),
+        (JobRoot::Volatile, _) => (spec.tree.clone(), BootRoot::Volatile),
     };
-    Nspawn::boot(&spec.machine, &spec.tree, root, register).binds(&spec.binds).into_args()
+    let nspawn = Nspawn::boot(&spec.machine, &tree, root, register).binds(&spec.binds);
+    match spec.uid_base {
+        Some(base) => nspawn.private_users(base, matches!(root, BootRoot::Ephemeral | BootRoot::Volatile)).into_args(),
+        None => nspawn.into_args(),
+    }
+}
+
+/// The command that starts `spec`'s nspawn: this binary's spawn wrapper (which joins `cgroups`
+/// and mounts the idmapped overlay root if the job needs one) exec'ing systemd-nspawn.
+fn launch_command(spec: &MachineSpec, register: bool, cgroups: Vec<PathBuf>) -> Result<(PathBuf, Vec<String>)> {
+    let overlay = match (spec.root, spec.uid_base, &spec.job_dir) {
+        (JobRoot::Overlay, Some(base), Some(job_dir)) => Some((spec.tree.clone(), job_dir.clone(), base)),
+        (JobRoot::Overlay, Some(_), None) => return Err(Error::new("an overlay job needs a job directory")),
+        _ => None,
+    };
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let plan = spawn::SpawnPlan { cgroups, overlay };
+    Ok((exe, plan.argv("systemd-nspawn", &nspawn_args(spec, register))))
 }
 
 /// Waits until `done` is true, polling, for at most `timeout`; true if it became true.
@@ -115,7 +147,7 @@ fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Res
     };
     let ephemeral = match spec.root {
         JobRoot::EphemeralSnapshot => find_ephemeral_copy(leader_pid, &spec.tree)?,
-        JobRoot::Overlay => None,
+        JobRoot::Overlay | JobRoot::Volatile => None,
     };
     Ok(Running {
         nspawn_pid,
@@ -124,6 +156,7 @@ fn describe_running(nspawn_pid: i32, leader_pid: i32, spec: &MachineSpec) -> Res
         leader_start_time: start(leader_pid)?,
         ephemeral,
         cgroup: None,
+        cgroups: Vec::new(),
     })
 }
 
@@ -155,7 +188,7 @@ mod tests {
     use crate::names::{ImageName, JobId, SnapshotName};
     use crate::store::{backend, Store};
 
-    fn args(root: JobRoot, register: bool) -> Vec<String> {
+    fn args(root: JobRoot, uid_base: Option<u32>, register: bool) -> Vec<String> {
         let settings = Settings::from_vars([("NSPAWN_RUNNER_ROOT".to_owned(), "/store".to_owned())]).unwrap();
         let store = Store::with_backend(&settings, Box::new(backend::Plain));
         let (image, job) = (ImageName::parse("img").unwrap(), JobId::parse("7").unwrap());
@@ -163,6 +196,7 @@ mod tests {
             machine: "run-7".into(),
             tree: "/store/img/1_2".into(),
             root,
+            uid_base,
             job_dir: Some("/store/.jobs/run-7".into()),
             leftovers: store.job_leftovers(&image, &SnapshotName::new(1, 2), &job),
             binds: vec![
@@ -170,6 +204,7 @@ mod tests {
                 Bind::read_only("/usr/bin/gitlab-runner", "/usr/local/bin/gitlab-runner"),
             ],
             properties: vec![],
+            limits: cgroup::Limits::default(),
             log: "/run/x.log".into(),
             ready_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
@@ -179,23 +214,35 @@ mod tests {
 
     #[test]
     fn btrfs_jobs_boot_an_ephemeral_snapshot_of_the_target_tree() {
-        let args = args(JobRoot::EphemeralSnapshot, false);
+        let args = args(JobRoot::EphemeralSnapshot, None, false);
         assert!(args.contains(&"--ephemeral".to_owned()));
         assert!(args.contains(&"--directory=/store/img/1_2".to_owned()));
         assert!(args.contains(&"--register=no".to_owned()));
         assert!(args.contains(&"--machine=run-7".to_owned()));
         assert!(args.contains(&"--notify-ready=yes".to_owned()));
+        assert!(args.contains(&"--suppress-sync=yes".to_owned()));
         assert!(!args.iter().any(|a| a.starts_with("--overlay")));
     }
 
     #[test]
     fn plain_jobs_boot_an_overlay_with_escaped_paths() {
-        let args = args(JobRoot::Overlay, true);
+        let args = args(JobRoot::Overlay, None, true);
         assert!(args.contains(&"--overlay=/store/img/1_2:/store/.jobs/run-7/upper:/".to_owned()));
         assert!(args.contains(&"--bind=/var/cache/a\\:b:/cache".to_owned()));
         assert!(args.contains(&"--bind-ro=/usr/bin/gitlab-runner:/usr/local/bin/gitlab-runner".to_owned()));
         assert!(args.contains(&"--register=yes".to_owned()));
         assert!(!args.contains(&"--ephemeral".to_owned()));
+    }
+
+    #[test]
+    fn jobs_in_a_user_namespace_get_their_range_and_idmapped_binds() {
+        let btrfs = args(JobRoot::EphemeralSnapshot, Some(0x7001_0000), false);
+        assert!(btrfs.contains(&"--private-users=1879113728:65536".to_owned()), "{btrfs:?}");
+        assert!(btrfs.contains(&"--private-users-ownership=map".to_owned()));
+        let plain = args(JobRoot::Overlay, Some(0x7000_0000), false);
+        assert!(plain.contains(&"--directory=/store/.jobs/run-7/root".to_owned()), "{plain:?}");
+        assert!(plain.contains(&"--private-users-ownership=off".to_owned()));
+        assert!(!plain.iter().any(|a| a.starts_with("--overlay") || a == "--ephemeral"));
     }
 
     #[test]

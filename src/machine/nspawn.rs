@@ -16,24 +16,32 @@ pub struct Bind {
     /// The path inside the machine.
     pub inside: String,
     pub access: Access,
+    /// Shown to a machine in a user namespace with the host's ownership (host root as its root).
+    pub idmap: bool,
 }
 
 impl Bind {
     pub fn read_only(host: impl Into<PathBuf>, inside: impl Into<String>) -> Bind {
-        Bind { host: host.into(), inside: inside.into(), access: Access::ReadOnly }
+        Bind { host: host.into(), inside: inside.into(), access: Access::ReadOnly, idmap: false }
     }
 
     pub fn read_write(host: impl Into<PathBuf>, inside: impl Into<String>) -> Bind {
-        Bind { host: host.into(), inside: inside.into(), access: Access::ReadWrite }
+        Bind { host: host.into(), inside: inside.into(), access: Access::ReadWrite, idmap: false }
     }
 
-    /// `--bind=HOST:INSIDE` or `--bind-ro=HOST:INSIDE`, both paths escaped.
+    /// The same bind, idmapped (`:idmap`, nspawn ≥ 250).
+    pub fn idmapped(self, idmap: bool) -> Bind {
+        Bind { idmap, ..self }
+    }
+
+    /// `--bind=HOST:INSIDE[:idmap]` or `--bind-ro=HOST:INSIDE[:idmap]`, both paths escaped.
     fn arg(&self) -> String {
         let option = match self.access {
             Access::ReadOnly => "--bind-ro",
             Access::ReadWrite => "--bind",
         };
-        format!("{option}={}:{}", escape(&self.host), escape(Path::new(&self.inside)))
+        let options = if self.idmap { ":idmap" } else { "" };
+        format!("{option}={}:{}{options}", escape(&self.host), escape(Path::new(&self.inside)))
     }
 }
 
@@ -44,6 +52,10 @@ pub enum BootRoot<'a> {
     Ephemeral,
     /// `--overlay=TREE:UPPER:/`: the job's writes go to `upper`.
     Overlay { upper: &'a Path },
+    /// `--volatile=overlay`: the job's writes go to a tmpfs.
+    Volatile,
+    /// The tree itself, which somebody else made a throw-away root (the idmapped overlay).
+    Directory,
 }
 
 /// systemd-nspawn's arguments, built option by option. Every option is `--name` or
@@ -54,9 +66,13 @@ pub struct Nspawn {
 }
 
 impl Nspawn {
-    /// `--quiet --directory=TREE`: what every use starts from.
+    /// `--quiet --directory=TREE --suppress-sync=yes`: what every use starts from. Syncs are
+    /// suppressed everywhere: job machines are thrown away, and a maintained tree is synced as
+    /// a whole (syncfs) before a transaction commits it. Every supported host has systemd >= 250,
+    /// which has the option (Debian 12: 252, Debian 13: 257).
     pub fn new(tree: &Path) -> Nspawn {
-        Nspawn { args: vec!["--quiet".to_owned(), format!("--directory={}", tree.display())] }
+        let directory = format!("--directory={}", tree.display());
+        Nspawn { args: vec!["--quiet".to_owned(), directory, "--suppress-sync=yes".to_owned()] }
     }
 
     /// A booted job machine `machine` on `tree`, thrown away when it stops.
@@ -76,7 +92,17 @@ impl Nspawn {
                 let value = format!("{}:{}:/", escape(tree), escape(upper));
                 nspawn.option("--overlay", &value)
             }
+            BootRoot::Volatile => nspawn.option("--volatile", "overlay"),
+            BootRoot::Directory => nspawn,
         }
+    }
+
+    /// Root of the machine is uid `base` of the host, in a user namespace of 65536 ids.
+    /// `map`: nspawn idmaps the root tree itself (ephemeral btrfs copies); otherwise the tree
+    /// already shows the range's ownership (the spawn wrapper's idmapped overlay).
+    pub fn private_users(self, base: u32, map: bool) -> Nspawn {
+        self.option("--private-users", &format!("{base}:{}", super::idmap::RANGE))
+            .option("--private-users-ownership", if map { "map" } else { "off" })
     }
 
     /// `--name`.
@@ -132,13 +158,14 @@ mod tests {
     fn binds_escape_colons_and_backslashes_on_both_sides() {
         assert_eq!(Bind::read_write("/var/cache/a:b", "/cache").arg(), "--bind=/var/cache/a\\:b:/cache");
         assert_eq!(Bind::read_only("/h\\x", "/in:side").arg(), "--bind-ro=/h\\\\x:/in\\:side");
+        assert_eq!(Bind::read_write("/c", "/cache").idmapped(true).arg(), "--bind=/c:/cache:idmap");
     }
 
     #[test]
     fn a_command_follows_a_double_dash() {
         let command = ["true".to_owned()];
         let args = Nspawn::new(Path::new("/t")).flag("--x").with_command(&command);
-        assert_eq!(args, ["--quiet", "--directory=/t", "--x", "--", "true"]);
+        assert_eq!(args, ["--quiet", "--directory=/t", "--suppress-sync=yes", "--x", "--", "true"]);
     }
 
     #[test]

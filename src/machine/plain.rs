@@ -2,8 +2,8 @@
 
 use super::notify::NotifySocket;
 use super::{
-    describe_running, find_ephemeral_copy, first_child, nspawn_args, wait_until, Host, Machine, MachineSpec, Running,
-    SAFE_PATH,
+    cgroup, describe_running, find_ephemeral_copy, first_child, launch_command, wait_until, Host, Machine, MachineSpec,
+    Running, SAFE_PATH,
 };
 use crate::error::{Context, Error, Result};
 use crate::store::backend::JobRoot;
@@ -21,80 +21,104 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 impl Host for PlainHost {
     fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
-        let socket = NotifySocket::bind(&spec.machine)?;
-        let log = std::fs::File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
-        let log_err = log.try_clone().context("duplicating log file")?;
-        let mut command = Command::new("systemd-nspawn");
-        command
-            .args(nspawn_args(spec, false))
-            // Nothing of gitlab-runner's environment (job secrets, its TMPDIR) reaches nspawn.
-            .env_clear()
-            .env("PATH", SAFE_PATH)
-            .env("NOTIFY_SOCKET", socket.env_value())
-            // gitlab-runner waits for EOF on the stage's stdout/stderr: the machine must not hold them.
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        // SAFETY: setsid is async-signal-safe. A new session keeps the machine out of the
-        // stage's process group, which gitlab-runner signals when the stage ends or times out.
-        unsafe {
-            command.pre_exec(|| {
-                // The stage may have deferred its stop signals; nspawn must get them normally.
-                nix::sys::signal::SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
-                nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
-            });
-        }
-        let mut child = command.spawn().context("starting systemd-nspawn")?;
-        let nspawn_pid = child.id() as i32;
-        let ready = socket.wait_ready(spec.ready_timeout, || match child.try_wait() {
-            Ok(Some(status)) => Some(Error::new(format!(
-                "systemd-nspawn exited ({status}) before the machine was ready: {}",
-                log_tail(&spec.log)
-            ))),
-            _ if crate::signals::stop_requested() => Some(Error::new("interrupted while the machine was booting")),
-            _ => None,
-        });
-        let ready = match ready {
-            Ok(ready) => ready,
-            Err(e) => {
-                abort_boot(&mut child, spec);
-                return Err(e.context(format!("starting machine {}", spec.machine)));
+        // Its own cgroup, so that its limits apply and no other machine shares (or sees) it.
+        let cgroups = cgroup::create(&spec.machine, &spec.limits)?;
+        let started = start_in(spec, &cgroups);
+        if started.is_err() {
+            if let Err(e) = cgroup::remove(&cgroups.dirs) {
+                log::warn!("{e}");
             }
-        };
-        let leader_pid = ready
-            .leader_pid
-            .or_else(|| first_child(nspawn_pid))
-            .ok_or_else(|| Error::new(format!("machine {} has no init process", spec.machine)))?;
-        // The child is deliberately not waited for: it outlives this stage.
-        describe_running(nspawn_pid, leader_pid, spec).map(|running| (running, None))
+        }
+        started
     }
 
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()> {
-        let Some(running) = &machine.running else { return Ok(()) };
-        let alive = || running.nspawn_alive() || running.leader_alive();
-        if !alive() {
-            return Ok(());
+        stop_machine(machine, timeout)?;
+        let cgroups = machine.running.as_ref().map(|r| r.cgroups.as_slice()).unwrap_or_default();
+        cgroup::remove(cgroups)
+    }
+}
+
+/// Boots the machine with nspawn in `cgroups`.
+fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Running, Option<String>)> {
+    let socket = NotifySocket::bind(&spec.machine)?;
+    let log = std::fs::File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
+    let log_err = log.try_clone().context("duplicating log file")?;
+    let (program, args) = launch_command(spec, false, cgroups.dirs.clone())?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        // Nothing of gitlab-runner's environment (job secrets, its TMPDIR) reaches nspawn.
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("NOTIFY_SOCKET", socket.env_value())
+        // gitlab-runner waits for EOF on the stage's stdout/stderr: the machine must not hold them.
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // SAFETY: setsid is async-signal-safe. A new session keeps the machine out of the
+    // stage's process group, which gitlab-runner signals when the stage ends or times out.
+    unsafe {
+        command.pre_exec(|| {
+            // The stage may have deferred its stop signals; nspawn must get them normally.
+            nix::sys::signal::SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
+            nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command.spawn().context("starting systemd-nspawn")?;
+    let nspawn_pid = child.id() as i32;
+    let ready = socket.wait_ready(spec.ready_timeout, || match child.try_wait() {
+        Ok(Some(status)) => Some(Error::new(format!(
+            "systemd-nspawn exited ({status}) before the machine was ready: {}",
+            log_tail(&spec.log)
+        ))),
+        _ if crate::signals::stop_requested() => Some(Error::new("interrupted while the machine was booting")),
+        _ => None,
+    });
+    let ready = match ready {
+        Ok(ready) => ready,
+        Err(e) => {
+            abort_boot(&mut child, spec);
+            return Err(e.context(format!("starting machine {}", spec.machine)));
         }
-        if running.nspawn_alive() {
-            // nspawn passes this on as its --kill-signal: an immediate poweroff of the machine.
-            let _ = kill(Pid::from_raw(running.nspawn_pid), Signal::SIGTERM);
-        } else {
-            // nspawn died (killed, crashed): tell the orphaned init directly. SIGRTMIN+14 is
-            // systemd's immediate poweroff; nix's Signal has no real-time signals.
-            // SAFETY: kill(2) with plain integers; the pid was just checked to be the machine's init.
-            unsafe { libc::kill(running.leader_pid, libc::SIGRTMIN() + 14) };
-        }
-        if wait_until(timeout, || !alive()) {
-            return Ok(());
-        }
-        log::warn!("machine {} did not power off in {} s, killing it", machine.name, timeout.as_secs());
-        let leader = running.leader_alive().then_some(running.leader_pid);
-        kill_machine(if running.nspawn_alive() { running.nspawn_pid } else { 0 }, leader);
-        if wait_until(KILL_WAIT, || !alive()) {
-            Ok(())
-        } else {
-            Err(Error::new(format!("machine {} survived SIGKILL", machine.name)))
-        }
+    };
+    let leader_pid = ready
+        .leader_pid
+        .or_else(|| first_child(nspawn_pid))
+        .ok_or_else(|| Error::new(format!("machine {} has no init process", spec.machine)))?;
+    // The child is deliberately not waited for: it outlives this stage.
+    let mut running = describe_running(nspawn_pid, leader_pid, spec)?;
+    running.cgroup = Some(cgroups.main.clone());
+    running.cgroups = cgroups.dirs.clone();
+    Ok((running, None))
+}
+
+/// Powers the machine off (SIGTERM to nspawn), killing it after `timeout`.
+fn stop_machine(machine: &Machine, timeout: Duration) -> Result<()> {
+    let Some(running) = &machine.running else { return Ok(()) };
+    let alive = || running.nspawn_alive() || running.leader_alive();
+    if !alive() {
+        return Ok(());
+    }
+    if running.nspawn_alive() {
+        // nspawn passes this on as its --kill-signal: an immediate poweroff of the machine.
+        let _ = kill(Pid::from_raw(running.nspawn_pid), Signal::SIGTERM);
+    } else {
+        // nspawn died (killed, crashed): tell the orphaned init directly. SIGRTMIN+14 is
+        // systemd's immediate poweroff; nix's Signal has no real-time signals.
+        // SAFETY: kill(2) with plain integers; the pid was just checked to be the machine's init.
+        unsafe { libc::kill(running.leader_pid, libc::SIGRTMIN() + 14) };
+    }
+    if wait_until(timeout, || !alive()) {
+        return Ok(());
+    }
+    log::warn!("machine {} did not power off in {} s, killing it", machine.name, timeout.as_secs());
+    let leader = running.leader_alive().then_some(running.leader_pid);
+    kill_machine(if running.nspawn_alive() { running.nspawn_pid } else { 0 }, leader);
+    if wait_until(KILL_WAIT, || !alive()) {
+        Ok(())
+    } else {
+        Err(Error::new(format!("machine {} survived SIGKILL", machine.name)))
     }
 }
 

@@ -15,12 +15,16 @@ pub struct Machine {
     pub unit: Option<String>,
     /// The machine's processes, once it is up.
     pub running: Option<Running>,
+    /// Host uid of root in the machine (the base of its user namespace range); None for a
+    /// privileged machine, and in records of versions before user namespaces.
+    #[serde(default)]
+    pub uid_base: Option<u32>,
 }
 
 impl Machine {
     /// A machine that is not started yet.
     pub fn new(name: String) -> Machine {
-        Machine { name, unit: None, running: None }
+        Machine { name, unit: None, running: None, uid_base: None }
     }
 
     /// True while the machine's init still runs.
@@ -41,6 +45,9 @@ pub struct Running {
     /// The machine unit's cgroup (systemd hosts), which entered scripts join.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The machine's own cgroup directories (plain hosts), removed at cleanup.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Running {
@@ -51,6 +58,16 @@ impl Running {
 
     pub fn nspawn_alive(&self) -> bool {
         process_start_time(self.nspawn_pid) == Some(self.nspawn_start_time)
+    }
+
+    /// How long ago the machine was started (its nspawn process), by the boot-time clock.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0)?;
+        let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+        let uptime: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+        let started = self.nspawn_start_time as f64 / ticks_per_second as f64;
+        Some(std::time::Duration::from_secs_f64((uptime - started).max(0.0)))
     }
 }
 
@@ -78,5 +95,16 @@ mod tests {
         let t = process_start_time(me).unwrap();
         assert_eq!(process_start_time(me), Some(t));
         assert_eq!(process_start_time(i32::MAX), None);
+        let running = Running {
+            nspawn_pid: me,
+            nspawn_start_time: t,
+            leader_pid: me,
+            leader_start_time: t,
+            ephemeral: None,
+            cgroup: None,
+            cgroups: Vec::new(),
+        };
+        let age = running.age().unwrap();
+        assert!(age < std::time::Duration::from_secs(24 * 3600), "this test process started {age:?} ago");
     }
 }

@@ -2,7 +2,8 @@
 //! registered with machined, so limits apply and `machinectl list` shows it.
 
 use super::{
-    describe_running, first_child, nspawn_args, unit_name, wait_until, Host, Machine, MachineSpec, Running, SAFE_PATH,
+    describe_running, first_child, launch_command, unit_name, wait_until, Host, Machine, MachineSpec, Running,
+    SAFE_PATH,
 };
 use crate::error::{Context, Error, Result};
 use std::os::unix::process::CommandExt;
@@ -10,6 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 pub struct SystemdHost;
+
+/// The device access of systemd-nspawn@.service (252 and 257): `closed` (the standard pseudo
+/// devices), the tun device and pseudo terminals. Its loop and device-mapper entries are left
+/// out: they serve nspawn's --image=, which job machines do not use, and a job must not get them.
+const DEVICE_POLICY: [&str; 3] = ["DevicePolicy=closed", "DeviceAllow=/dev/net/tun rwm", "DeviceAllow=char-pts rw"];
 
 /// Runs a systemd tool with a clean environment, returning stdout; a failure carries its stderr.
 fn systemctl_like(program: &str, args: &[String]) -> Result<String> {
@@ -56,10 +62,13 @@ impl Host for SystemdHost {
             format!("--property=TimeoutStartSec={}", spec.ready_timeout.as_secs().max(1)),
             format!("--property=TimeoutStopSec={}", spec.stop_timeout.as_secs().max(1)),
         ];
+        args.extend(DEVICE_POLICY.iter().map(|p| format!("--property={p}")));
         args.extend(spec.properties.iter().map(|p| format!("--property={p}")));
+        // systemd places the unit in its cgroup: the wrapper only mounts the idmapped root.
+        let (program, command) = launch_command(spec, true, Vec::new())?;
         args.push("--".to_owned());
-        args.push("systemd-nspawn".to_owned());
-        args.extend(nspawn_args(spec, true));
+        args.push(program.display().to_string());
+        args.extend(command);
         // systemd-run returns once the unit is started, i.e. after READY=1 (Type=notify).
         if let Err(e) = systemctl_like("systemd-run", &args) {
             let _ = stop_unit(&unit);

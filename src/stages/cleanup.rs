@@ -1,9 +1,12 @@
 //! The cleanup stage: power the job's machine off and remove everything the job left.
 
 use crate::error::Result;
-use crate::jobs::state::{JobState, Phase};
+use crate::jobs::env::JobEnv;
+use crate::jobs::state::{unix_now, JobState, Phase, StateDir};
 use crate::jobs::JobContext;
 use crate::machine::{self, Host};
+use crate::names::JobId;
+use crate::settings::Settings;
 use crate::store::Store;
 
 /// Cleans up the job; a job that never started or is already gone is fine.
@@ -15,18 +18,69 @@ pub fn cleanup(ctx: &JobContext) -> Result<()> {
     cleanup_job(ctx, host.as_ref(), |ctx| Store::open(&ctx.settings))
 }
 
-/// cleanup on `host`; `open_store` is only called when there is a job record.
-pub fn cleanup_job(
-    ctx: &JobContext,
-    host: &dyn Host,
-    open_store: impl FnOnce(&JobContext) -> Result<Store>,
-) -> Result<()> {
-    let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
-    match ctx.states.load(&ctx.job)? {
-        Some(state) => clean_job(ctx, host, &open_store(ctx)?, state)?,
-        None => ctx.states.remove(&ctx.job)?,
+/// cleanup on `host`; `open_store` is only called when there is a job record (or kept machines).
+pub fn cleanup_job(ctx: &JobContext, host: &dyn Host, open_store: impl Fn(&JobContext) -> Result<Store>) -> Result<()> {
+    {
+        let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
+        match ctx.states.load(&ctx.job)? {
+            Some(state) if keeps_machine(ctx, &state) => keep_machine(ctx, state)?,
+            Some(state) => clean_job(ctx, host, &open_store(ctx)?, state)?,
+            None => ctx.states.remove(&ctx.job)?,
+        }
+        ctx.states.remove_lock(&ctx.job)?;
     }
-    ctx.states.remove_lock(&ctx.job)
+    if ctx.settings.keep_failed().is_some() {
+        // Nobody else may run gc soon: stop the kept machines whose time is up.
+        if let Err(e) = open_store(ctx).and_then(|store| stop_expired_kept(&ctx.settings, host, &store)) {
+            log::warn!("stopping expired kept machines: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// True when cleanup leaves the job's machine up: the job failed, NSPAWN_RUNNER_KEEP_FAILED is
+/// set, and the machine runs (a second cleanup of a kept job stops it).
+fn keeps_machine(ctx: &JobContext, state: &JobState) -> bool {
+    state.failed && state.phase == Phase::Running && ctx.settings.keep_failed().is_some() && state.machine.is_up()
+}
+
+/// Records the machine as kept until NSPAWN_RUNNER_KEEP_FAILED from now.
+fn keep_machine(ctx: &JobContext, mut state: JobState) -> Result<()> {
+    let minutes = ctx.settings.keep_failed().unwrap_or_default();
+    state.phase = Phase::Kept;
+    state.kept_until = Some(unix_now() + minutes.as_secs());
+    ctx.states.save(&state)?;
+    println!(
+        "nspawn-runner: job {} failed: machine {} stays up for {} minutes (`nspawn-runner shell {}`)",
+        ctx.job,
+        state.machine.name,
+        minutes.as_secs() / 60,
+        ctx.job
+    );
+    Ok(())
+}
+
+/// Cleans up every machine kept after a failure whose time is up; returns their job ids.
+pub fn stop_expired_kept(settings: &Settings, host: &dyn Host, store: &Store) -> Result<Vec<JobId>> {
+    let now = unix_now();
+    let mut stopped = Vec::new();
+    for (state, busy) in StateDir::new(settings).all()? {
+        if busy || state.store != store.root() || !state.kept_expired(now) {
+            continue;
+        }
+        let job = state.job_id.clone();
+        let ctx = JobContext {
+            settings: settings.clone(),
+            env: JobEnv::default(),
+            job: job.clone(),
+            states: StateDir::new(settings),
+        };
+        let Some(_lock) = ctx.states.try_lock_job(&job)? else { continue };
+        clean_job(&ctx, host, store, state)?;
+        ctx.states.remove_lock(&job)?;
+        stopped.push(job);
+    }
+    Ok(stopped)
 }
 
 /// Stops the machine of `state` and removes its copies, job directory and state files.

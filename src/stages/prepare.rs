@@ -6,36 +6,51 @@ use crate::jobs::state::{JobState, Phase};
 use crate::jobs::JobContext;
 use crate::lock::Mode;
 use crate::machine::nspawn::Bind;
-use crate::machine::{self, Host, MachineSpec};
+use crate::machine::{self, cgroup, idmap, Host, MachineSpec};
 use crate::names::ImageName;
-use crate::settings::{Settings, CACHE_DIR_IN_MACHINE};
+use crate::settings::{ImageSettings, RootKind, Settings, CACHE_DIR_IN_MACHINE};
 use crate::store::backend::JobRoot;
 use crate::store::{Image, Store};
+use std::collections::HashSet;
 use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 
 /// Where the host's gitlab-runner binary appears in machines (first in their PATH).
 const GITLAB_RUNNER_IN_MACHINE: &str = "/usr/local/bin/gitlab-runner";
+/// Where the host's step-runner appears: gitlab-runner runs CI Steps (`run:`) with the
+/// `step-runner` it finds in the PATH of the job's environment.
+const STEP_RUNNER_IN_MACHINE: &str = "/usr/local/bin/step-runner";
 
 pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
-    let image_name = ctx.env.image(image_override, &ctx.settings.default_image)?;
+    let choice = crate::jobs::image::choose(image_override, ctx.env.job_image.as_deref(), &ctx.settings)?;
     // Everything that can be checked without writing is checked first: bad input changes nothing.
+    let response = std::env::var_os("JOB_RESPONSE_FILE").map(PathBuf::from);
+    let project = crate::jobs::env::project_id(response.as_deref())?;
     let store = Store::open(&ctx.settings)?;
+    store.image(&choice.name).current().map_err(|e| e.context(&choice.how))?;
     let host = machine::host(&ctx.settings);
-    prepare_job(ctx, &store, host.as_ref(), &image_name)
+    prepare_job(ctx, &store, host.as_ref(), &choice.name, project)
 }
 
-/// prepare of `image_name` from `store` on `host`, step by step; a failed step undoes the
-/// steps before it.
-pub fn prepare_job(ctx: &JobContext, store: &Store, host: &dyn Host, image_name: &ImageName) -> Result<()> {
+/// prepare of `image_name` from `store` on `host` for a job of GitLab project `project`, step
+/// by step; a failed step undoes the steps before it.
+pub fn prepare_job(
+    ctx: &JobContext,
+    store: &Store,
+    host: &dyn Host,
+    image_name: &ImageName,
+    project: Option<u64>,
+) -> Result<()> {
     let image = store.image(image_name);
     image.current()?;
+    let plan = JobPlan::new(&ctx.settings, store, image_name, project)?;
     // A SIGTERM (prepare timeout, cancel) must not leave a machine booting with nobody to stop it.
     let _deferred = crate::signals::Deferred::block();
     ctx.settings.ensure_state_dir()?;
     let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
     clean_earlier_attempt(ctx, store, host)?;
-    let state =
-        boot_pinned_machine(ctx, store, host, &image).map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
+    let state = boot_pinned_machine(ctx, store, host, &image, plan)
+        .map_err(|e| e.context(format!("preparing job {}", ctx.job)))?;
     println!(
         "nspawn-runner: machine {} is up: image {image_name}, snapshot {} ({} store)",
         state.machine.name,
@@ -56,12 +71,75 @@ fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Re
     }
 }
 
+/// How the job's machine is made, from the settings and the image's settings, decided before
+/// anything is written.
+struct JobPlan {
+    root: JobRoot,
+    /// The image's own read-only binds.
+    image_binds: Vec<Bind>,
+    properties: Vec<String>,
+    limits: cgroup::Limits,
+    /// No user namespace (the image's `privileged=true`).
+    privileged: bool,
+    /// The GitLab project, whose cache the job sees at /cache.
+    project: Option<u64>,
+}
+
+impl JobPlan {
+    fn new(settings: &Settings, store: &Store, image_name: &ImageName, project: Option<u64>) -> Result<JobPlan> {
+        let image = ImageSettings::load(&settings.config_dir, image_name)?;
+        let image_binds = image.bind_list()?.into_iter().map(|(host, inside)| Bind::read_only(host, inside)).collect();
+        let over = |own: &Option<String>, global: &Option<String>| own.clone().or_else(|| global.clone());
+        let root = job_root(store, &image)?;
+        if root == JobRoot::Volatile && !image.privileged {
+            // nspawn (252) cannot idmap the tmpfs overlay of --volatile for a user namespace.
+            return Err(Error::new(format!(
+                "image {image_name}: root=volatile needs privileged=true (no user namespace), or use root=overlay"
+            )));
+        }
+        Ok(JobPlan {
+            root,
+            image_binds,
+            properties: settings.unit_properties(&image),
+            limits: cgroup::Limits {
+                memory_max: over(&image.memory_max, &settings.memory_max),
+                tasks_max: over(&image.tasks_max, &settings.tasks_max),
+                cpu_weight: over(&image.cpu_weight, &settings.cpu_weight),
+            },
+            privileged: image.privileged,
+            project,
+        })
+    }
+}
+
+/// The job root the image asks for (`root=` in its settings), else the store's own.
+fn job_root(store: &Store, image: &ImageSettings) -> Result<JobRoot> {
+    let default = store.backend().job_root();
+    match image.root {
+        None => Ok(default),
+        Some(RootKind::Snapshot) if default == JobRoot::EphemeralSnapshot => Ok(default),
+        Some(RootKind::Snapshot) => Err(Error::new(format!(
+            "root=snapshot needs a btrfs store, and {} is {}",
+            store.root().display(),
+            store.backend().name()
+        ))),
+        Some(RootKind::Overlay) => Ok(JobRoot::Overlay),
+        Some(RootKind::Volatile) => Ok(JobRoot::Volatile),
+    }
+}
+
 /// The steps that leave something behind, each undone by `Attempt` if a later one fails.
-fn boot_pinned_machine(ctx: &JobContext, store: &Store, host: &dyn Host, image: &Image) -> Result<JobState> {
-    let mut attempt = Attempt::pin(ctx, store, host, image)?;
-    attempt.make_job_dir(image)?;
-    make_cache_dir(&ctx.settings)?;
-    attempt.start_machine(image)?;
+fn boot_pinned_machine(
+    ctx: &JobContext,
+    store: &Store,
+    host: &dyn Host,
+    image: &Image,
+    plan: JobPlan,
+) -> Result<JobState> {
+    let mut attempt = Attempt::pin(ctx, store, host, image, plan.privileged)?;
+    attempt.make_job_dir(image, plan.root)?;
+    let cache = plan.project.map(|project| make_project_cache(&ctx.settings, project)).transpose()?;
+    attempt.start_machine(image, plan, cache)?;
     if crate::signals::stop_requested() {
         return Err(Error::new("interrupted"));
     }
@@ -81,50 +159,66 @@ struct Attempt<'a> {
 }
 
 impl<'a> Attempt<'a> {
-    /// Resolves `current` and records the lease before gc can look again.
-    fn pin(ctx: &'a JobContext, store: &'a Store, host: &'a dyn Host, image: &Image) -> Result<Attempt<'a>> {
+    /// Resolves `current` and records the lease before gc can look again, with the job's uid
+    /// range unless it is `privileged`.
+    fn pin(
+        ctx: &'a JobContext,
+        store: &'a Store,
+        host: &'a dyn Host,
+        image: &Image,
+        privileged: bool,
+    ) -> Result<Attempt<'a>> {
         let forget_job = |e: Error| {
             let _ = ctx.states.remove(&ctx.job).and_then(|()| ctx.states.remove_lock(&ctx.job));
             e
         };
         let _pins = image.lock_pins(Mode::Shared).map_err(forget_job)?;
         let snapshot = image.current().map_err(forget_job)?;
-        let state = JobState::pinned(ctx.job.clone(), store.root().to_path_buf(), image.name().clone(), snapshot);
+        let mut state = JobState::pinned(ctx.job.clone(), store.root().to_path_buf(), image.name().clone(), snapshot);
+        // Under this lock no other prepare picks a range before this one is recorded.
+        let _ranges = (!privileged).then(|| ctx.states.lock_all()).transpose().map_err(forget_job)?;
+        if !privileged {
+            state.machine.uid_base = Some(free_uid_base(ctx).map_err(forget_job)?);
+        }
         let attempt = Attempt { ctx, store, host, state, kept: false };
         ctx.states.save(&attempt.state)?;
         Ok(attempt)
     }
 
     /// The job's private writable layer, on stores whose jobs boot an overlay.
-    fn make_job_dir(&mut self, image: &Image) -> Result<()> {
+    fn make_job_dir(&mut self, image: &Image, root: JobRoot) -> Result<()> {
         self.state.phase = Phase::Booting;
-        if self.store.backend().job_root() == JobRoot::Overlay {
+        if root == JobRoot::Overlay {
             let tree = image.snapshot_path(&self.state.snapshot);
             self.state.job_dir = Some(self.store.create_job_dir(&self.state.machine.name, &tree)?);
         }
         self.ctx.states.save(&self.state)
     }
 
-    /// Boots the machine and records its processes.
-    fn start_machine(&mut self, image: &Image) -> Result<()> {
+    /// Boots the machine, with the project cache dir `cache` at /cache, and records its processes.
+    fn start_machine(&mut self, image: &Image, plan: JobPlan, cache: Option<PathBuf>) -> Result<()> {
         let (settings, state) = (&self.ctx.settings, &self.state);
+        let idmap = state.machine.uid_base.is_some();
         let spec = MachineSpec {
             machine: state.machine.name.clone(),
             tree: image.snapshot_path(&state.snapshot),
-            root: self.store.backend().job_root(),
+            root: plan.root,
+            uid_base: state.machine.uid_base,
             job_dir: state.job_dir.clone(),
             leftovers: self.store.job_leftovers(&state.image, &state.snapshot, &state.job_id),
-            binds: job_binds(settings),
-            properties: settings.unit_properties(),
+            binds: job_binds(settings, cache, plan.image_binds, idmap),
+            properties: plan.properties,
+            limits: plan.limits,
             log: self.ctx.states.log_path(&self.ctx.job),
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
         };
         let (running, unit) = self.host.start(&spec)?;
-        self.state.machine.running = Some(running);
+        self.state.machine.running = Some(running.clone());
         self.state.machine.unit = unit;
         self.state.phase = Phase::Running;
-        self.ctx.states.save(&self.state)
+        self.ctx.states.save(&self.state)?;
+        self.host.capture_seccomp(&running, &self.ctx.states.seccomp_path(&self.ctx.job))
     }
 
     /// Every step succeeded: the job keeps its machine.
@@ -148,17 +242,39 @@ impl Drop for Attempt<'_> {
     }
 }
 
-/// What every job machine gets mounted: the cache, and the host's gitlab-runner if there is one.
-fn job_binds(settings: &Settings) -> Vec<Bind> {
-    let cache = Bind::read_write(&settings.cache_dir, CACHE_DIR_IN_MACHINE);
-    let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
-    std::iter::once(cache).chain(gitlab_runner).collect()
+/// The lowest uid range no job on record holds (crashed jobs keep theirs until gc reaps them).
+fn free_uid_base(ctx: &JobContext) -> Result<u32> {
+    let used: HashSet<u32> = ctx.states.all()?.iter().filter_map(|(state, _)| state.machine.uid_base).collect();
+    idmap::pick_base(&used)
 }
 
-fn make_cache_dir(settings: &Settings) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&settings.cache_dir)
-        .with_context(|| format!("creating cache dir {}", settings.cache_dir.display()))
+/// What every job machine gets mounted: its project's cache dir, the host's gitlab-runner and
+/// step-runner where there are, and the image's own read-only binds; `idmap` (a machine in a
+/// user namespace) shows them with the host's ownership.
+fn job_binds(settings: &Settings, cache: Option<PathBuf>, image_binds: Vec<Bind>, idmap: bool) -> Vec<Bind> {
+    let cache = cache.map(|dir| Bind::read_write(dir, CACHE_DIR_IN_MACHINE));
+    let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
+    let step_runner = settings.step_runner_binary().map(|binary| Bind::read_only(binary, STEP_RUNNER_IN_MACHINE));
+    cache
+        .into_iter()
+        .chain(gitlab_runner)
+        .chain(step_runner)
+        .chain(image_binds)
+        .map(|bind| bind.idmapped(idmap))
+        .collect()
+}
+
+/// `<cache_dir>/projects/<project>`, made if missing. `projects` is root-only: a job's root owns
+/// files there as host root (the bind is idmapped), and no host user may reach them.
+fn make_project_cache(settings: &Settings, project: u64) -> Result<PathBuf> {
+    let projects = settings.cache_dir.join("projects");
+    let dir = projects.join(project.to_string());
+    for (path, mode) in [(&settings.cache_dir, 0o755), (&projects, 0o700), (&dir, 0o755)] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(path)
+            .with_context(|| format!("creating cache dir {}", path.display()))?;
+    }
+    Ok(dir)
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::jobs::env::EXIT_CODES;
+use crate::jobs::state::{JobState, Phase};
 use crate::jobs::JobContext;
 use crate::machine::{self, ScriptOutcome};
 use std::path::Path;
@@ -22,7 +23,7 @@ pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
         .as_ref()
         .filter(|r| r.leader_alive())
         .ok_or_else(|| Error::new(format!("job {}: machine {} is not running", ctx.job, machine.name)))?;
-    match machine::run_script(running, script, ctx.settings.stop_timeout())? {
+    match machine::run_script(running, script, &ctx.states.seccomp_path(&ctx.job), ctx.settings.stop_timeout())? {
         ScriptOutcome::Exited(0) => Ok(()),
         ScriptOutcome::Exited(code) => {
             if code == 128 + libc::SIGKILL {
@@ -35,9 +36,38 @@ pub fn run(ctx: &JobContext, script: &Path, stage: &str) -> Result<()> {
                 return Err(Error::new(format!("machine {} died during stage {stage}", machine.name)));
             }
             record_exit_code(code);
+            record_job_failure(ctx, &state, stage);
             Err(Error::build(format!("stage {stage} failed with exit code {code}")))
         }
         ScriptOutcome::Terminated => Err(Error::build(format!("stage {stage} was terminated"))),
+    }
+}
+
+/// Stages whose failure does not fail the job (gitlab-runner only warns about them).
+const STAGES_THAT_DO_NOT_FAIL_THE_JOB: [&str; 4] =
+    ["after_script", "archive_cache", "archive_cache_on_failure", "cleanup_file_variables"];
+
+/// Marks the job failed in its record, so cleanup can keep its machine (NSPAWN_RUNNER_KEEP_FAILED).
+/// Under the job's lock, and only while the record is still there: a cleanup that already
+/// runs (a cancelled job) must not find it rewritten, or recreated once it is gone.
+fn record_job_failure(ctx: &JobContext, state: &JobState, stage: &str) {
+    if state.failed || STAGES_THAT_DO_NOT_FAIL_THE_JOB.contains(&stage) {
+        return;
+    }
+    let recorded = (|| {
+        let Some(_lock) = ctx.states.try_lock_job(&ctx.job)? else { return Ok(()) };
+        match ctx.states.load(&ctx.job)? {
+            Some(mut state) if state.phase == Phase::Running => {
+                state.failed = true;
+                ctx.states.save(&state)
+            }
+            Some(_) => Ok(()),
+            // cleanup is over: our locking must not leave a lock file behind either
+            None => ctx.states.remove_lock(&ctx.job),
+        }
+    })();
+    if let Err(e) = recorded {
+        log::warn!("job {}: recording the failure: {e}", ctx.job);
     }
 }
 

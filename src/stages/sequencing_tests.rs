@@ -80,7 +80,7 @@ impl Host for FakeHost {
                 std::fs::create_dir(&copy)?;
                 Some(copy)
             }
-            JobRoot::Overlay => None,
+            JobRoot::Overlay | JobRoot::Volatile => None,
         };
         let me = std::process::id() as i32;
         let start = process_start_time(me).ok_or_else(|| Error::new("no start time"))?;
@@ -91,11 +91,16 @@ impl Host for FakeHost {
             leader_start_time: start,
             ephemeral,
             cgroup: None,
+            cgroups: Vec::new(),
         };
         Ok((running, None))
     }
     fn stop(&self, machine: &Machine, _timeout: std::time::Duration) -> Result<()> {
         record(&self.script, format!("stop {}", machine.name))
+    }
+    /// This process has no filter to read (and may not ptrace itself).
+    fn capture_seccomp(&self, _running: &Running, _path: &Path) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -119,6 +124,7 @@ impl World {
             ("NSPAWN_RUNNER_ROOT", path("root")),
             ("NSPAWN_RUNNER_STATE_DIR", path("state")),
             ("NSPAWN_RUNNER_CACHE_DIR", path("cache")),
+            ("NSPAWN_RUNNER_CONFIG_DIR", path("config")),
             ("NSPAWN_RUNNER_GITLAB_RUNNER", path("no-gitlab-runner")),
         ];
         let settings = Settings::from_vars(vars.map(|(k, v)| (k.to_owned(), v))).unwrap();
@@ -143,7 +149,7 @@ impl World {
 
     fn prepare(&self) -> Result<()> {
         let host = FakeHost { script: self.script.clone() };
-        prepare_job(&self.ctx, &self.store(), &host, &ImageName::parse("img").unwrap())
+        prepare_job(&self.ctx, &self.store(), &host, &ImageName::parse("img").unwrap(), Some(7))
     }
 
     fn cleanup(&self) -> Result<()> {
@@ -184,7 +190,7 @@ fn a_job_boots_then_cleanup_stops_it_and_deletes_what_it_left() {
         assert_eq!(state.phase, Phase::Running);
         let job_dir = match root {
             JobRoot::Overlay => vec!["delete run-1", "start run-1"],
-            JobRoot::EphemeralSnapshot => vec!["start run-1"],
+            JobRoot::EphemeralSnapshot | JobRoot::Volatile => vec!["start run-1"],
         };
         assert_eq!(world.calls(), job_dir);
         world.cleanup().unwrap();
@@ -263,4 +269,32 @@ fn a_recorded_copy_outside_the_store_is_never_deleted() {
     assert!(err.to_string().contains("refusing to delete"), "{err}");
     assert!(decoy.is_dir(), "the decoy outside the store was deleted");
     std::fs::remove_dir_all(real).unwrap();
+}
+
+#[test]
+fn image_settings_choose_the_job_root_and_bad_ones_change_nothing() {
+    let world = World::new("image-conf", JobRoot::EphemeralSnapshot);
+    std::fs::create_dir_all(world.dir.join("config")).unwrap();
+    let conf = world.dir.join("config/img.conf");
+    std::fs::write(&conf, "root=overlay\nmemory_max=1G\n").unwrap();
+    world.prepare().unwrap();
+    assert_eq!(world.calls(), ["delete run-1", "start run-1"], "root=overlay makes a job dir on btrfs too");
+    let state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
+    assert!(state.job_dir.is_some());
+    world.cleanup().unwrap();
+    world.calls();
+    world.assert_nothing_left();
+    for bad in ["memorymax=1G\n", "root=tmpfs\n", "binds=relative/path\n", "binds=/nonexistent-nspawn-runner\n"] {
+        std::fs::write(&conf, bad).unwrap();
+        let e = world.prepare().unwrap_err();
+        assert!(e.to_string().contains("img.conf"), "{bad:?}: {e}");
+        assert!(world.calls().is_empty(), "{bad:?} started something");
+        world.assert_nothing_left();
+    }
+    // A volatile root cannot have a user namespace: only privileged images get one.
+    std::fs::write(&conf, "root=volatile\n").unwrap();
+    let e = world.prepare().unwrap_err();
+    assert!(e.to_string().contains("privileged=true"), "{e}");
+    assert!(world.calls().is_empty(), "root=volatile without privileged started something");
+    world.assert_nothing_left();
 }

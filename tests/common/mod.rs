@@ -421,7 +421,9 @@ fn btrfs_mount() -> Result<PathBuf, String> {
         if !(mounted(&mnt) || img.exists() && try_mount() && mounted(&mnt)) {
             // No image, or an unusable one: make a fresh file system.
             let _ = fs::remove_file(&img);
-            sh(&["truncate", "-s", "4G", img.to_str().unwrap()]);
+            // Sparse; roomy because btrfs frees deleted subvolumes lazily (its cleaner thread),
+            // and tests that delete many of them while others import ran out of 4 GiB.
+            sh(&["truncate", "-s", "16G", img.to_str().unwrap()]);
             sh(&["mkfs.btrfs", "-q", "-f", img.to_str().unwrap()]);
             if !try_mount() || !mounted(&mnt) {
                 return Err(format!("cannot loop-mount {} on {}", img.display(), mnt.display()));
@@ -629,6 +631,8 @@ impl TestEnv {
         for d in [&env.state_dir, &env.cache_dir, &env.config_dir, &env.links, &env.work.join("tmp")] {
             fs::create_dir_all(d).unwrap();
         }
+        // The test's own (empty) settings file: the host's /etc/nspawn-runner/settings never applies.
+        fs::write(env.work.join("settings"), "").unwrap();
         // Stage links exactly as packaged: config/prepare/run/cleanup -> the binary.
         env.admin(&["install-links", env.links.to_str().unwrap()]).assert_ok();
         for s in ["config", "prepare", "run", "cleanup"] {
@@ -662,6 +666,7 @@ impl TestEnv {
             .env("NSPAWN_RUNNER_CONFIG_DIR", &self.config_dir)
             .env("NSPAWN_RUNNER_DEFAULT_IMAGE", IMAGE)
             .env("NSPAWN_RUNNER_LOCK_TIMEOUT", "120")
+            .env("NSPAWN_RUNNER_SETTINGS", self.work.join("settings"))
             .current_dir(&self.work);
         for (k, v) in self.settings.lock().unwrap().iter() {
             c.env(k, v);
@@ -793,10 +798,14 @@ pub struct Job<'a> {
     /// Extra environment of the stage processes (overrides the defaults).
     pub vars: Vec<(String, String)>,
     pub builds_dir: Mutex<String>,
+    /// job_info.project_id of the job payload (JOB_RESPONSE_FILE).
+    pub project_id: u64,
     scripts: AtomicUsize,
 }
 
 pub const PROJECT_PATH: &str = "group/project";
+/// job_info.project_id of a test job unless it says otherwise.
+pub const DEFAULT_PROJECT_ID: u64 = 1000;
 pub const JOB_TOKEN: &str = "glcbt-64_SecretJobTokenValue";
 
 impl<'a> Job<'a> {
@@ -808,9 +817,21 @@ impl<'a> Job<'a> {
             tmp: PathBuf::new(),
             vars: Vec::new(),
             builds_dir: Mutex::new("/builds".into()),
+            project_id: DEFAULT_PROJECT_ID,
             scripts: AtomicUsize::new(0),
         };
         j.new_attempt()
+    }
+
+    /// The same job in GitLab project `project` (a new attempt, so its payload says so).
+    pub fn in_project(mut self, project: u64) -> Self {
+        self.project_id = project;
+        self.new_attempt()
+    }
+
+    /// The host directory the job's /cache is.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.env.cache_dir.join("projects").join(self.project_id.to_string())
     }
 
     /// gitlab-runner makes a new temp dir (and response.json) for every prepare attempt.
@@ -821,8 +842,9 @@ impl<'a> Job<'a> {
         let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(resp).unwrap();
         write!(
             f,
-            r#"{{"id":{},"token":"{JOB_TOKEN}","variables":[{{"key":"CI_JOB_TOKEN","value":"{JOB_TOKEN}","public":false,"masked":true}}]}}"#,
-            self.id.parse::<u64>().unwrap_or(1)
+            r#"{{"id":{},"token":"{JOB_TOKEN}","job_info":{{"name":"test","stage":"test","project_id":{},"project_name":"project"}},"variables":[{{"key":"CI_JOB_TOKEN","value":"{JOB_TOKEN}","public":false,"masked":true}}]}}"#,
+            self.id.parse::<u64>().unwrap_or(1),
+            self.project_id
         )
         .unwrap();
         self

@@ -30,6 +30,8 @@ pub enum JobRoot {
     EphemeralSnapshot,
     /// An overlay with the snapshot as lower layer and a per-job upper directory.
     Overlay,
+    /// `systemd-nspawn --volatile=overlay`: an overlay whose upper layer is a tmpfs.
+    Volatile,
 }
 
 /// Picks the backend for the filesystem holding `dir`.
