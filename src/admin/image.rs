@@ -145,6 +145,10 @@ fn list(settings: &Settings, only: Option<&str>, json: bool) -> Result<()> {
     let mut images = Vec::new();
     for name in names {
         let image = store.image(&name);
+        if only.is_none() && image.unfinished() {
+            println!("{name}: no current: its creation was cut short (`image gc` deletes what it left)");
+            continue;
+        }
         image.must_exist()?;
         let image_settings = ImageSettings::load(&settings.config_dir, &name)?;
         let current = image.current();
@@ -270,7 +274,10 @@ fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     };
     for name in names {
         let image = store.image(&name);
-        image.must_exist()?;
+        // A creation cut short left only leftovers (a `.tx-*` tree): gc deletes them too.
+        if !image.unfinished() {
+            image.must_exist()?;
+        }
         collect(settings, &image)?;
     }
     Ok(())

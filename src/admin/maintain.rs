@@ -64,7 +64,8 @@ pub fn maintain(settings: &Settings, args: ImageMaintain) -> Result<()> {
 fn maintain_all(settings: &Settings) -> Result<()> {
     let mut names: BTreeSet<ImageName> = configured_images(&settings.config_dir).into_iter().collect();
     if let Ok(store) = Store::open(settings) {
-        names.extend(store.images()?);
+        // A creation cut short is no image to maintain (gc deletes what it left).
+        names.extend(store.images()?.into_iter().filter(|name| !store.image(name).unfinished()));
     }
     let mut failed = Vec::new();
     for name in &names {

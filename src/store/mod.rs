@@ -175,6 +175,12 @@ impl Image<'_> {
         std::fs::symlink_metadata(self.dir.join(CURRENT)).is_ok()
     }
 
+    /// True when the directory is what a creation cut short (a crash or power cut during `image create`
+    /// or a first `import`) leaves: no `current`, not the old layout, only leftovers for gc.
+    pub fn unfinished(&self) -> bool {
+        self.dir.is_dir() && !self.exists() && !is_old_layout(&self.dir)
+    }
+
     /// Fails with a helpful message when the image does not exist.
     pub fn must_exist(&self) -> Result<()> {
         if self.exists() {

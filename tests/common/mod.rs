@@ -421,7 +421,9 @@ fn btrfs_mount() -> Result<PathBuf, String> {
         if !(mounted(&mnt) || img.exists() && try_mount() && mounted(&mnt)) {
             // No image, or an unusable one: make a fresh file system.
             let _ = fs::remove_file(&img);
-            sh(&["truncate", "-s", "4G", img.to_str().unwrap()]);
+            // Sparse; roomy because btrfs frees deleted subvolumes lazily (its cleaner thread),
+            // and tests that delete many of them while others import ran out of 4 GiB.
+            sh(&["truncate", "-s", "16G", img.to_str().unwrap()]);
             sh(&["mkfs.btrfs", "-q", "-f", img.to_str().unwrap()]);
             if !try_mount() || !mounted(&mnt) {
                 return Err(format!("cannot loop-mount {} on {}", img.display(), mnt.display()));
