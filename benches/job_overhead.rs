@@ -11,9 +11,9 @@ mod common;
 
 use common::*;
 use nspawn_runner::jobs::script::bash_wrapper;
-use nspawn_runner::machine::idmap;
 use nspawn_runner::machine::nspawn::{Bind, BootRoot, Nspawn};
 use nspawn_runner::machine::spawn::{overlay_root, SpawnPlan};
+use nspawn_runner::machine::{cgroup, idmap};
 use std::fs;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -244,23 +244,26 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
     let start = Instant::now();
     let mut job = Job::default();
     let job_dir = store.floor_jobs.join(name);
-    let ((mut nspawn, leader), prepare) = timed(|| {
+    let ((mut nspawn, leader, cgroups), prepare) = timed(|| {
         // Like a job: a user namespace of its own range (the top slot, which no test job gets).
         let base = idmap::FIRST_BASE + 4095 * idmap::RANGE;
         let upper = job_dir.join("upper");
         let cache = Bind::read_write(&env.cache, "/cache").idmapped(true);
-        // The production command line, with the same cache bind nspawn-runner gives every machine;
-        // plain stores boot the idmapped overlay that nspawn-runner's spawn wrapper mounts.
-        let (program, args) = if store.btrfs {
+        // The production command line, with the same cache bind nspawn-runner gives every machine,
+        // started like the plain host starts it: through the spawn wrapper, in a cgroup of its own
+        // (a user-namespaced systemd needs one it may write), and on plain stores on the idmapped
+        // overlay the wrapper mounts.
+        let cgroups = cgroup::create(name, &cgroup::Limits::default()).unwrap();
+        let (args, overlay) = if store.btrfs {
             let args = Nspawn::boot(name, &store.snapshot, BootRoot::Ephemeral, false).bind(&cache);
-            (PathBuf::from("systemd-nspawn"), args.private_users(base, true).into_args())
+            (args.private_users(base, true).into_args(), None)
         } else {
             fs::create_dir_all(&upper).unwrap();
             let args = Nspawn::boot(name, &overlay_root(&job_dir), BootRoot::Directory, false).bind(&cache);
-            let plan =
-                SpawnPlan { cgroups: Vec::new(), overlay: Some((store.snapshot.clone(), job_dir.clone(), base)) };
-            (PathBuf::from(BIN), plan.argv("systemd-nspawn", &args.private_users(base, false).into_args()))
+            (args.private_users(base, false).into_args(), Some((store.snapshot.clone(), job_dir.clone(), base)))
         };
+        let plan = SpawnPlan { cgroups: cgroups.dirs.clone(), overlay };
+        let (program, args) = (PathBuf::from(BIN), plan.argv("systemd-nspawn", &args));
         let socket_name = format!("nspawn-runner-bench/{}/{name}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
@@ -284,7 +287,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
         let mut child = command.spawn().unwrap();
         children.lock().unwrap().push(child.id());
         let leader = wait_ready(&socket, &mut child, name, &env.work);
-        (child, leader)
+        (child, leader, cgroups)
     });
     job.prepare = prepare;
     for script in &env.scripts {
@@ -292,7 +295,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
         let (out, elapsed) = timed(|| {
             Command::new("nsenter")
                 .arg(format!("--target={leader}"))
-                .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup", "/bin/bash", "-s"])
+                .args(["--user", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup", "/bin/bash", "-s"])
                 .env_clear()
                 .env("PATH", PATH)
                 .env("HOME", "/root")
@@ -311,6 +314,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
         if !store.btrfs {
             fs::remove_dir_all(&job_dir).unwrap();
         }
+        cgroup::remove(&cgroups.dirs).unwrap();
     });
     children.lock().unwrap().retain(|p| *p != nspawn.id());
     job.cleanup = cleanup;
