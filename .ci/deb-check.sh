@@ -508,7 +508,7 @@ drive_job() {
     rm -rf -- "${ROOTFS:?}$JOB_TMP"
     mkdir -p "$ROOTFS$JOB_TMP"
     chmod 0700 "$ROOTFS$JOB_TMP"
-    printf '{"id": %s}\n' "$id" > "$ROOTFS$JOB_TMP/response.json"
+    printf '{"id": %s, "job_info": {"name": "deb-check", "project_id": 7}}\n' "$id" > "$ROOTFS$JOB_TMP/response.json"
     chmod 0600 "$ROOTFS$JOB_TMP/response.json"
     set_job_env "$id" "$IMAGE_NAME"
 

@@ -36,7 +36,8 @@ impl JobEnv {
 
 /// The GitLab project of the job, from the job payload gitlab-runner wrote (`JOB_RESPONSE_FILE`,
 /// `job_info.project_id`): unlike `CUSTOM_ENV_*`, nothing a project sets can change it. None
-/// when there is no payload (a stage run by hand).
+/// when there is no payload (a stage run by hand) or it names no project (a hand-written one):
+/// such a job gets no /cache rather than a cache shared with other projects.
 pub fn project_id(response_file: Option<&std::path::Path>) -> Result<Option<u64>> {
     #[derive(Deserialize)]
     struct Response {
@@ -55,7 +56,10 @@ pub fn project_id(response_file: Option<&std::path::Path>) -> Result<Option<u64>
             n.as_u64().map(Some).ok_or_else(|| bad("job_info.project_id is not a project id"))
         }
         Some(_) => Err(bad("job_info.project_id is not a number")),
-        None => Err(bad("no job_info.project_id")),
+        None => {
+            log::warn!("JOB_RESPONSE_FILE {}: no job_info.project_id, so the job gets no /cache", path.display());
+            Ok(None)
+        }
     }
 }
 
@@ -116,7 +120,7 @@ mod tests {
     }
 
     #[test]
-    fn the_project_comes_from_the_job_payload_and_must_be_a_number() {
+    fn the_project_comes_from_the_job_payload_and_is_a_number_when_named() {
         let dir = std::env::temp_dir().join(format!("nspawn-runner-env-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("response.json");
@@ -125,7 +129,8 @@ mod tests {
             project_id(Some(&file))
         };
         assert_eq!(project(r#"{"id":1,"job_info":{"name":"a","project_id":42}}"#).unwrap(), Some(42));
-        for bad in [r#"{"id":1}"#, r#"{"job_info":{"project_id":"../1"}}"#, r#"{"job_info":{"project_id":-1}}"#, "{"] {
+        assert_eq!(project(r#"{"id":1}"#).unwrap(), None, "no project named: no cache");
+        for bad in [r#"{"job_info":{"project_id":"../1"}}"#, r#"{"job_info":{"project_id":-1}}"#, "{"] {
             assert!(project(bad).is_err(), "{bad} accepted");
         }
         assert_eq!(project_id(None).unwrap(), None);

@@ -125,7 +125,7 @@ job_env() {
           CUSTOM_ENV_CI_JOB_ID="$id" CUSTOM_ENV_CI_JOB_IMAGE="$IMG"
           CUSTOM_ENV_CI_BUILDS_DIR=/builds CUSTOM_ENV_CI_PROJECT_DIR=/builds/group/project
           CUSTOM_ENV_CI_JOB_TOKEN=secret-token-must-not-leak CUSTOM_ENV_CI_SERVER=yes)
-    echo '{"id": 1}' > "$JOBTMP/response.json"
+    echo '{"id": 1, "job_info": {"name": "vm", "project_id": 7}}' > "$JOBTMP/response.json"
 }
 # stage NAME [ARGS...]: runs a stage executable like gitlab-runner (own process group,
 # cwd = the job's tmp dir, stdin /dev/null); output in $OUT/$ERR, exit code in $RC
