@@ -51,6 +51,10 @@ job_id=demo-$$
 work=$(mktemp -d /tmp/custom-executor.XXXXXX)
 trap 'CUSTOM_ENV_CI_JOB_ID=$job_id "$links/cleanup" >/dev/null 2>&1 || true; rm -rf "$work" "$links"' EXIT
 export TMPDIR="$work" BUILD_FAILURE_EXIT_CODE=1 SYSTEM_FAILURE_EXIT_CODE=2
+# The job payload gitlab-runner writes: its project id chooses the job's /cache.
+export JOB_RESPONSE_FILE="$work/response.json" BUILD_EXIT_CODE_FILE="$work/build_exit_code"
+printf '{"id": 1, "job_info": {"name": "demo", "project_id": 1}}\n' > "$JOB_RESPONSE_FILE"
+chmod 0600 "$JOB_RESPONSE_FILE"
 export CUSTOM_ENV_CI_JOB_ID="$job_id" CUSTOM_ENV_CI_JOB_IMAGE="$image"
 export CUSTOM_ENV_CI_BUILDS_DIR="" CUSTOM_ENV_CI_PROJECT_DIR=""
 
@@ -79,7 +83,7 @@ run_stage() {
 run_stage prepare_script 'echo "Running on $(hostname) via $(cat /etc/debian_version)..."'
 run_stage get_sources 'mkdir -p /builds/demo/project && cd /builds/demo/project && echo "int main(void){return 0;}" > main.c && echo "sources ready"'
 run_stage build_script 'cd /builds/demo/project && ls -l && systemctl is-system-running || true; echo "the job ran in a real systemd machine"'
-run_stage after_script 'echo "after_script sees $(ls /builds/demo/project)"'
+run_stage after_script 'echo "after_script sees $(ls /builds/demo/project)"; date > /cache/last-demo-run && echo "the project cache /cache is writable"'
 say "cleanup"
 time "$links/cleanup"
 trap 'rm -rf "$work" "$links"' EXIT
