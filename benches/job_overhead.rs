@@ -391,9 +391,9 @@ fn report(store: &Store, r: &Results) {
     println!("  whole job range: ours {}, floor {}", spread(&r.ours, &|j| j.whole), spread(&r.floor, &|j| j.whole));
     let whole_ratio = ratio(whole.0, whole.1);
     println!(
-        "  target whole job <= 1.2x floor: {:.2}x {}   target per-stage overhead < 15 ms: {:+.1} ms {}",
+        "  target whole job <= 1.1x floor: {:.2}x {}   target per-stage overhead < 15 ms: {:+.1} ms {}",
         whole_ratio,
-        verdict(whole_ratio <= 1.2),
+        verdict(whole_ratio <= 1.1),
         stage_overhead_ms,
         verdict(stage_overhead_ms < 15.0)
     );
