@@ -30,8 +30,8 @@ fn leader_pid(state: &serde_json::Value) -> i32 {
     state["running"]["leader_pid"].as_i64().expect("leader pid") as i32
 }
 
-/// `0 <base> 65536` from inside, a shifted range from the host, `/` owned by 0 inside, and root
-/// and an unprivileged user can both build. The snapshot keeps its real ownership.
+/// `0 <base> 65536` from inside, a shifted range from the host, `/` owned by 0 inside, root
+/// and an unprivileged user can both build, and apt installs a package. The snapshot keeps its real ownership.
 fn job_root_is_an_unprivileged_range_of_the_host(kind: StoreKind) {
     let Some(env) = TestEnv::new(kind, "userns") else { return };
     let job = env.job();
@@ -52,7 +52,12 @@ fn job_root_is_an_unprivileged_range_of_the_host(kind: StoreKind) {
              mkdir -p /root/x && touch /usr/local/bin/tool && echo root-writes-ok\n\
              useradd -m builder\n\
              chown builder \"$PWD\"\n\
-             runuser -u builder -- sh -c 'echo user-build > built-by-user && id -u && touch /usr/x 2>/dev/null || echo user-cannot-write-usr'",
+             runuser -u builder -- sh -c 'echo user-build > built-by-user && id -u && touch /usr/x 2>/dev/null || echo user-cannot-write-usr'\n\
+             mkdir -p /tmp/pkg/DEBIAN /tmp/pkg/usr/share/nr-demo && echo demo > /tmp/pkg/usr/share/nr-demo/file\n\
+             printf 'Package: nr-demo\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: t <t@example.org>\\nDescription: d\\n' > /tmp/pkg/DEBIAN/control\n\
+             dpkg-deb --build --root-owner-group /tmp/pkg /tmp/nr-demo.deb >/dev/null\n\
+             apt-get install -y -q /tmp/nr-demo.deb >/tmp/apt.log 2>&1 || cat /tmp/apt.log\n\
+             dpkg -s nr-demo | grep -qx 'Status: install ok installed' && echo apt-install-ok",
         ),
     );
     out.assert_ok();
@@ -64,6 +69,8 @@ fn job_root_is_an_unprivileged_range_of_the_host(kind: StoreKind) {
     assert!(out.stdout.contains("root-writes-ok"), "{}", out.describe());
     assert!(out.stdout.contains("\n1000\n"), "the unprivileged user did not run as 1000\n{}", out.describe());
     assert!(out.stdout.contains("user-cannot-write-usr"), "{}", out.describe());
+    // dpkg's chowns and apt's _apt sandbox work within the range.
+    assert!(out.stdout.contains("apt-install-ok"), "apt-get install failed in the job\n{}", out.describe());
 
     // The job's writes are the range's on the host, never host root's (plain: the overlay's upper dir).
     if kind == StoreKind::Plain {
