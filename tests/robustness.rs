@@ -8,9 +8,11 @@ mod common;
 
 use common::*;
 use std::fs;
+use std::os::unix::fs::symlink;
 
 both_stores! {
     a_script_that_is_no_file_is_a_system_failure;
+    import_follows_a_symlinked_source;
 }
 
 /// `run` given a directory or a missing path as its script: a system failure in one line, the
@@ -38,4 +40,24 @@ fn a_script_that_is_no_file_is_a_system_failure(kind: StoreKind) {
     assert!(out.stdout.contains("still-up"), "{}", out.describe());
     job.cleanup().assert_ok();
     assert_nothing_left(&env, &job.id);
+}
+
+/// `image import NAME PATH` with PATH a symlink to a tree, or to a tarball: the tree or tarball
+/// is imported (not the link), and boots.
+fn import_follows_a_symlinked_source(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "importlink") else { return };
+    let tree_link = env.work.join("tree-link");
+    symlink(env.image_dir(IMAGE).join(env.current(IMAGE).unwrap()), &tree_link).unwrap();
+    let tar_link = env.work.join("tar-link");
+    symlink(base_tarball(), &tar_link).unwrap();
+    for (name, source) in [("viatree", &tree_link), ("viatar", &tar_link)] {
+        env.admin(&["image", "import", name, source.to_str().unwrap()]).assert_ok();
+        let snapshot = env.image_dir(name).join(env.current(name).unwrap());
+        assert!(fs::symlink_metadata(&snapshot).unwrap().is_dir(), "{} is no directory", snapshot.display());
+        assert!(snapshot.join("usr/lib/systemd/systemd").exists(), "{} is incomplete", snapshot.display());
+        if kind == StoreKind::Btrfs {
+            assert!(is_subvolume(&snapshot), "{} is no subvolume", snapshot.display());
+        }
+    }
+    env.job().with_image("viatree").run_whole_job("test -x /usr/lib/systemd/systemd");
 }

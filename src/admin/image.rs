@@ -71,6 +71,8 @@ fn finish_new_image(image: &Image, result: Result<SnapshotName>) -> Result<()> {
 fn import(settings: &Settings, name: &ImageName, source: &Path) -> Result<()> {
     let store = Store::open_or_create(settings)?;
     let image = store.image(name);
+    // A source given through a symlink is what it points to: cp -a would copy the link itself.
+    let source = &std::fs::canonicalize(source).with_context(|| format!("import source {}", source.display()))?;
     let meta = std::fs::metadata(source).with_context(|| format!("import source {}", source.display()))?;
     let is_new = !image.exists();
     if is_new {
