@@ -380,6 +380,24 @@ pub fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// Writes `bytes` to `path` (mode 0600) atomically: into `temp` beside it, fsynced, renamed
+/// over `path`. On any error `temp` is removed again: a full file system keeps nothing of a
+/// write that failed.
+pub fn write_atomically(path: &Path, temp: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(temp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(temp);
+        Error::from(e).context(format!("writing {}", path.display()))
+    })
+}
+
 /// fsyncs a directory, making renames and new entries in it durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
@@ -401,6 +419,22 @@ mod tests {
         assert_eq!(classify("current", false), Entry::Bookkeeping("current".into()));
         assert_eq!(classify(".current.77", false), Entry::Bookkeeping(".current.77".into()));
         assert_eq!(classify("etc", true), Entry::Foreign("etc".into()));
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-write-test-{}", std::process::id()));
+        let (path, temp) = (dir.join("7.json"), dir.join(".7.json.tmp"));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_atomically(&path, &temp, b"one").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        // The rename fails: a directory (not empty) is where the file goes.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("x")).unwrap();
+        let e = write_atomically(&path, &temp, b"two").unwrap_err();
+        assert!(e.to_string().starts_with(&format!("writing {}: ", path.display())), "{e}");
+        assert!(std::fs::symlink_metadata(&temp).is_err(), "{} left behind", temp.display());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
