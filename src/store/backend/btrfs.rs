@@ -144,6 +144,10 @@ impl Backend for Btrfs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             other => other.with_context(|| format!("stat {}", path.display()))?,
         };
+        if meta.file_type().is_symlink() {
+            // Never a tree to delete through: only the link goes, as with the plain backend.
+            return std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()));
+        }
         if !is_subvolume(&meta) {
             // A plain directory on btrfs (e.g. an overlay upper dir, or a tree copied in by hand).
             for nested in nested_subvolumes(path)? {
