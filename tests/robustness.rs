@@ -19,7 +19,6 @@ both_stores! {
     import_follows_a_symlinked_source;
 }
 
-
 /// A snapshot-like directory of the decoy: a subvolume holding another on btrfs (what a delete
 /// that followed a link would destroy), a plain directory with a file elsewhere.
 fn decoy_tree(env: &TestEnv, path: &Path) {

@@ -142,6 +142,13 @@ impl Store {
         Ok(read_dir(&dir)?.filter_map(|e| e.file_name().into_string().ok()).collect())
     }
 
+    /// Makes the deletions of what crashed jobs left survive a crash: their directories in
+    /// `.jobs` and, on btrfs (whose commit covers the whole file system), their nspawn copies.
+    pub fn make_job_deletions_durable(&self) -> Result<()> {
+        let dir = self.root.join(JOBS_DIR);
+        self.backend.make_durable(if dir.is_dir() { &dir } else { &self.root })
+    }
+
     /// Refuses a `.jobs` that is a symlink: job directories are made and deleted in it.
     fn check_jobs_dir(&self) -> Result<()> {
         check_store_dir(&self.root.join(JOBS_DIR))
