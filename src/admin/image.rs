@@ -41,7 +41,7 @@ pub fn dispatch(command: ImageSub) -> Result<()> {
 
 fn create(settings: &Settings, name: &ImageName, suite: &str, mirror: Option<&str>, extra: &[String]) -> Result<()> {
     let store = Store::open_or_create(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
     new_image_dir(&image)?;
     let result = (|| {
         let tx = Transaction::begin(&image, Base::Empty)?;
@@ -70,7 +70,9 @@ fn finish_new_image(image: &Image, result: Result<SnapshotName>) -> Result<()> {
 
 fn import(settings: &Settings, name: &ImageName, source: &Path) -> Result<()> {
     let store = Store::open_or_create(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
+    // A source given through a symlink is what it points to: cp -a would copy the link itself.
+    let source = &std::fs::canonicalize(source).with_context(|| format!("import source {}", source.display()))?;
     let meta = std::fs::metadata(source).with_context(|| format!("import source {}", source.display()))?;
     let is_new = !image.exists();
     if is_new {
@@ -144,7 +146,14 @@ fn list(settings: &Settings, only: Option<&str>, json: bool) -> Result<()> {
     let now = SnapshotName::now().time();
     let mut images = Vec::new();
     for name in names {
-        let image = store.image(&name);
+        let image = match store.image(&name) {
+            Ok(image) => image,
+            Err(e) if only.is_none() => {
+                log::warn!("skipping {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if only.is_none() && image.unfinished() {
             println!("{name}: no current: its creation was cut short (`image gc` deletes what it left)");
             continue;
@@ -217,7 +226,7 @@ fn list(settings: &Settings, only: Option<&str>, json: bool) -> Result<()> {
 
 fn login(settings: &Settings, name: &ImageName, discard: bool) -> Result<()> {
     let store = Store::open(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
     let tx = Transaction::begin(&image, Base::Current)?;
     let shell = ["/bin/bash".to_owned(), "-l".to_owned()];
     let status = run_in_tree(&TreeCommand { tree: tx.tree(), command: &shell, binds: vec![], interactive: true })?;
@@ -233,7 +242,7 @@ fn login(settings: &Settings, name: &ImageName, discard: bool) -> Result<()> {
 
 fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Result<()> {
     let store = Store::open(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
     image.must_exist()?;
     let _lock = image.lock_transactions()?;
     let snapshots = image.snapshots()?;
@@ -273,7 +282,15 @@ fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
         None => store.images()?,
     };
     for name in names {
-        let image = store.image(&name);
+        let image = match store.image(&name) {
+            Ok(image) => image,
+            // Nothing through it is collected; the other images are.
+            Err(e) if only.is_none() => {
+                log::warn!("gc: skipping {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         // A creation cut short left only leftovers (a `.tx-*` tree): gc deletes them too.
         if !image.unfinished() {
             image.must_exist()?;
@@ -285,7 +302,7 @@ fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
 
 fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
     let store = Store::open(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
     image.must_exist()?;
     let _lock = image.lock_transactions()?;
     let _pins = image.lock_pins(Mode::Exclusive)?;
@@ -310,7 +327,7 @@ fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
 /// with no moment at which ROOT/NAME is missing: the new directory is swapped in atomically.
 fn adopt(settings: &Settings, name: &ImageName) -> Result<()> {
     let store = Store::open(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
     if image.exists() {
         return Err(Error::new(format!("image {name} already uses the snapshot layout")));
     }

@@ -65,7 +65,8 @@ fn maintain_all(settings: &Settings) -> Result<()> {
     let mut names: BTreeSet<ImageName> = configured_images(&settings.config_dir).into_iter().collect();
     if let Ok(store) = Store::open(settings) {
         // A creation cut short is no image to maintain (gc deletes what it left).
-        names.extend(store.images()?.into_iter().filter(|name| !store.image(name).unfinished()));
+        // An image refused by `image` stays in: its maintenance fails, saying why.
+        names.extend(store.images()?.into_iter().filter(|name| store.image(name).map_or(true, |i| !i.unfinished())));
     }
     let mut failed = Vec::new();
     for name in &names {
@@ -97,7 +98,7 @@ fn configured_images(config_dir: &Path) -> Vec<ImageName> {
 
 fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()> {
     let store = Store::open_or_create(settings)?;
-    let image = store.image(name);
+    let image = store.image(name)?;
     let created = !image.exists();
     let result = (|| {
         if created {

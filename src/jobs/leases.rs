@@ -62,5 +62,8 @@ pub fn reap_crashed(store: &Store, states: &StateDir) -> Result<Vec<String>> {
             reaped.push(machine);
         }
     }
+    if !reaped.is_empty() {
+        store.make_job_deletions_durable()?;
+    }
     Ok(reaped)
 }

@@ -5,10 +5,8 @@ use crate::lock::{Lock, Mode};
 use crate::machine::Machine;
 use crate::names::{ImageName, JobId, SnapshotName};
 use crate::settings::Settings;
-use crate::store::remove_if_present;
+use crate::store::{remove_if_present, write_atomically};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -131,20 +129,11 @@ impl StateDir {
         }
     }
 
-    /// Writes the state atomically (temporary file + rename).
+    /// Writes the state atomically (temporary file + rename); a failed write leaves nothing.
     pub fn save(&self, state: &JobState) -> Result<()> {
-        let path = self.path(&state.job_id);
         let temp = self.dir.join(format!(".{}.json.tmp", state.job_id));
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::new(e.to_string()))?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .with_context(|| format!("writing {}", temp.display()))?;
-        file.write_all(&json).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", temp.display()))?;
-        std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))
+        write_atomically(&self.path(&state.job_id), &temp, &json)
     }
 
     /// Removes the job's state, log and seccomp files.

@@ -132,7 +132,7 @@ impl Entry {
 /// (those prepare saved at `seccomp`), and no file descriptor of ours but stdio. On
 /// SIGTERM/SIGINT/SIGHUP the script's process group gets SIGTERM, then SIGKILL after `grace`.
 pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Duration) -> Result<ScriptOutcome> {
-    let script_file = File::open(script).with_context(|| format!("opening script {}", script.display()))?;
+    let script_file = open_script(script)?;
     let entry = Entry::open(running, seccomp)?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
@@ -157,6 +157,23 @@ pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Durat
     let outcome = supervise(pid, &blocked, &signals, grace);
     let _ = blocked.thread_unblock();
     outcome
+}
+
+/// Opens the script gitlab-runner wrote. Anything but a regular file is the runner's problem,
+/// not the job's: bash would report a directory as a failing script (a build failure).
+fn open_script(script: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let context = || format!("opening script {}", script.display());
+    // Non-blocking, so that a FIFO is refused instead of waiting for a writer; reads of a
+    // regular file never block anyway.
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(script).with_context(context)?;
+    let file_type = file.metadata().with_context(context)?.file_type();
+    if !file_type.is_file() {
+        let what = if file_type.is_dir() { "a directory" } else { "not a regular file" };
+        return Err(Error::new(format!("script {} is {what}", script.display())));
+    }
+    Ok(file)
 }
 
 /// Runs `command` (an interactive login shell when empty) as root inside the machine of

@@ -42,7 +42,7 @@ impl Host for PlainHost {
 /// Boots the machine with nspawn in `cgroups`.
 fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Running, Option<String>)> {
     let socket = NotifySocket::bind(&spec.machine)?;
-    let log = std::fs::File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
+    let log = create_log(&spec.log)?;
     let log_err = log.try_clone().context("duplicating log file")?;
     let (program, args) = launch_command(spec, false, cgroups.dirs.clone())?;
     let mut command = Command::new(program);
@@ -155,6 +155,30 @@ fn kill_machine(nspawn_pid: i32, leader_pid: Option<i32>) {
     }
     if nspawn_pid > 0 {
         let _ = kill(Pid::from_raw(nspawn_pid), Signal::SIGKILL);
+    }
+}
+
+/// Room reserved for the machine's console log: its boot and poweroff take a few KiB.
+const LOG_RESERVE: i64 = 256 * 1024;
+
+/// Creates the machine's console log with room reserved for it. nspawn fails when it cannot
+/// write its console output, and the boot would then end in a puzzling error: a state dir
+/// without that room is reported as such before anything starts.
+fn create_log(path: &Path) -> Result<std::fs::File> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::fd::AsRawFd;
+    let log = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    match fallocate(log.as_raw_fd(), FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, LOG_RESERVE) {
+        // A file system that cannot reserve (EOPNOTSUPP) gets its chance with the writes.
+        Ok(()) | Err(nix::Error::EOPNOTSUPP) => Ok(log),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(Error::from(std::io::Error::from(e)).context(format!(
+                "reserving {} KiB for the console log {}",
+                LOG_RESERVE / 1024,
+                path.display()
+            )))
+        }
     }
 }
 

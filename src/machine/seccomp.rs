@@ -2,8 +2,6 @@
 //! dir, and loaded into every entered script as the last step before exec.
 
 use crate::error::{Context, Error, Result};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// PTRACE_SECCOMP_GET_FILTER (linux/ptrace.h); not in the libc crate.
@@ -83,7 +81,7 @@ impl Filters {
         Ok(Filters(filters))
     }
 
-    /// Writes them to `path` (mode 0600, replaced atomically).
+    /// Writes them to `path` (mode 0600, replaced atomically; a failed write leaves nothing).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::new();
         for program in &self.0 {
@@ -94,16 +92,7 @@ impl Filters {
                 bytes.extend_from_slice(&insn.k.to_ne_bytes());
             }
         }
-        let temp = path.with_extension("seccomp.tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .with_context(|| format!("writing {}", temp.display()))?;
-        file.write_all(&bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", temp.display()))?;
-        std::fs::rename(&temp, path).with_context(|| format!("writing {}", path.display()))
+        crate::store::write_atomically(path, &path.with_extension("seccomp.tmp"), &bytes)
     }
 
     /// Reads what `save` wrote.

@@ -88,9 +88,10 @@ pub fn stop_expired_kept(settings: &Settings, host: &dyn Host, store: &Store) ->
 pub fn clean_job(ctx: &JobContext, host: &dyn Host, store: &Store, mut state: JobState) -> Result<()> {
     if state.phase != Phase::Pinned {
         state.phase = Phase::Stopping;
-        // Only for `status`: failing to record it must not keep the machine running.
+        // Only for `status`: failing to record it (a full state dir, when a prepare rolls
+        // back for that very reason) must neither keep the machine running nor be news.
         if let Err(e) = ctx.states.save(&state) {
-            log::warn!("job {}: {e}", ctx.job);
+            log::info!("job {}: {e}", ctx.job);
         }
         host.stop(&state.machine, ctx.settings.stop_timeout())?;
         // nspawn removes its ephemeral copy when it exits normally; not when it was killed.

@@ -27,7 +27,7 @@ pub fn prepare(ctx: &JobContext, image_override: Option<&str>) -> Result<()> {
     let response = std::env::var_os("JOB_RESPONSE_FILE").map(PathBuf::from);
     let project = crate::jobs::env::project_id(response.as_deref())?;
     let store = Store::open(&ctx.settings)?;
-    store.image(&choice.name).current().map_err(|e| e.context(&choice.how))?;
+    store.image(&choice.name).and_then(|image| image.current()).map_err(|e| e.context(&choice.how))?;
     let host = machine::host(&ctx.settings);
     prepare_job(ctx, &store, host.as_ref(), &choice.name, project)
 }
@@ -41,7 +41,7 @@ pub fn prepare_job(
     image_name: &ImageName,
     project: Option<u64>,
 ) -> Result<()> {
-    let image = store.image(image_name);
+    let image = store.image(image_name)?;
     image.current()?;
     let plan = JobPlan::new(&ctx.settings, store, image_name, project)?;
     // A SIGTERM (prepare timeout, cancel) must not leave a machine booting with nobody to stop it.

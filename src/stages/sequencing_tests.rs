@@ -1,17 +1,18 @@
-//! Unit tests of the order of prepare's and cleanup's steps and of their rollback, without root:
-//! a fake Host and a fake snapshot Backend record what they are asked and fail where told.
+//! Unit tests of the order of prepare's, cleanup's and gc's steps and of their rollback, without
+//! root: a fake Host and a fake snapshot Backend record what they are asked and fail where told.
 
 use super::cleanup::cleanup_job;
 use super::prepare::prepare_job;
 use crate::error::{Error, Result};
 use crate::jobs::env::JobEnv;
+use crate::jobs::leases::reap_crashed;
 use crate::jobs::state::{Phase, StateDir};
 use crate::jobs::JobContext;
 use crate::machine::{process_start_time, Host, Machine, MachineSpec, Running};
 use crate::names::{ImageName, JobId};
 use crate::settings::Settings;
 use crate::store::backend::{Backend, JobRoot};
-use crate::store::Store;
+use crate::store::{gc, Store};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -60,6 +61,9 @@ impl Backend for FakeBackend {
     }
     fn job_root(&self) -> JobRoot {
         self.root
+    }
+    fn make_durable(&self, dir: &Path) -> Result<()> {
+        record(&self.script, format!("durable {}", dir.file_name().unwrap_or_default().to_string_lossy()))
     }
 }
 
@@ -297,4 +301,54 @@ fn image_settings_choose_the_job_root_and_bad_ones_change_nothing() {
     assert!(e.to_string().contains("privileged=true"), "{e}");
     assert!(world.calls().is_empty(), "root=volatile without privileged started something");
     world.assert_nothing_left();
+}
+
+#[test]
+fn gc_makes_its_renames_durable_before_deleting_and_its_deletions_before_reporting_them() {
+    let world = World::new("gc", JobRoot::EphemeralSnapshot);
+    let collect = || {
+        let store = world.store();
+        gc::collect_image(&store.image(&ImageName::parse("img").unwrap())?, &world.ctx.states, 0)
+    };
+    let old_ones = ["root/img/1_0", "root/img/1_1", "root/img/.tx-9_9"];
+    for dir in old_ones {
+        std::fs::create_dir(world.dir.join(dir)).unwrap();
+    }
+    assert_eq!(collect().unwrap(), ["1_0", "1_1", ".tx-9_9"]);
+    // Once per image and run, not per entry.
+    assert_eq!(
+        world.calls(),
+        ["durable img", "delete .tx-gc-1_0", "delete .tx-gc-1_1", "delete .tx-9_9", "durable img"]
+    );
+    assert_eq!(world.names("root/img"), [".lock", ".pin.lock", "1_2", "current"]);
+    assert!(collect().unwrap().is_empty());
+    assert!(world.calls().is_empty(), "nothing to delete costs no commit");
+
+    // Renames that cannot be made durable: nothing is deleted, nothing reported.
+    for dir in old_ones {
+        std::fs::create_dir(world.dir.join(dir)).unwrap();
+    }
+    world.fail("durable img");
+    assert!(collect().is_err());
+    assert_eq!(world.calls(), ["durable img"]);
+    assert_eq!(
+        world.names("root/img"),
+        [".lock", ".pin.lock", ".tx-9_9", ".tx-gc-1_0", ".tx-gc-1_1", "1_2", "current"]
+    );
+    // The next run deletes what was moved aside.
+    let mut deleted = collect().unwrap();
+    deleted.sort();
+    assert_eq!(deleted, [".tx-9_9", ".tx-gc-1_0", ".tx-gc-1_1"]);
+    assert_eq!(world.calls().last().map(String::as_str), Some("durable img"));
+}
+
+#[test]
+fn reaping_crashed_jobs_makes_its_deletions_durable_before_reporting_them() {
+    let world = World::new("reap", JobRoot::Overlay);
+    std::fs::create_dir_all(world.dir.join("root/.jobs/run-9/upper")).unwrap();
+    let store = world.store();
+    assert_eq!(reap_crashed(&store, &world.ctx.states).unwrap(), ["run-9"]);
+    assert_eq!(world.calls(), ["delete run-9", "durable .jobs"]);
+    assert!(reap_crashed(&store, &world.ctx.states).unwrap().is_empty());
+    assert!(world.calls().is_empty(), "nothing to reap costs no commit");
 }

@@ -77,7 +77,9 @@ pub fn plan(
 /// Runs gc on one image, under its transaction lock; returns the names it deleted.
 pub fn collect_image(image: &Image, leases: &dyn Leases, keep: usize) -> Result<Vec<String>> {
     let _transactions = image.lock_transactions()?;
+    let backend = image.store().backend();
     let mut moved = Vec::new();
+    let mut renamed = false;
     {
         // Under the pin lock no job can pin a snapshot we are about to delete. Victims are only
         // renamed to pending names here (fast); the slow deletion happens after the lock is released.
@@ -101,15 +103,23 @@ pub fn collect_image(image: &Image, leases: &dyn Leases, keep: usize) -> Result<
             }
             let to = image.dir().join(format!("{PENDING_PREFIX}gc-{name}"));
             match std::fs::rename(&from, &to) {
-                Ok(()) => moved.push((name, to)),
+                Ok(()) => {
+                    moved.push((name, to));
+                    renamed = true;
+                }
                 Err(e) => warn!("gc: cannot move {} aside: {e}", from.display()),
             }
         }
     }
+    // A crash must not bring a snapshot's name back on a half-deleted tree (that rollback
+    // could make current): the renames are durable before any deletion starts.
+    if renamed {
+        backend.make_durable(image.dir())?;
+    }
     let mut deleted = Vec::new();
     for (name, path) in moved {
         let result = if std::fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
-            image.store().backend().delete(&path)
+            backend.delete(&path)
         } else {
             std::fs::remove_file(&path).map_err(Into::into)
         };
@@ -117,6 +127,10 @@ pub fn collect_image(image: &Image, leases: &dyn Leases, keep: usize) -> Result<
             Ok(()) => deleted.push(name),
             Err(e) => warn!("gc: image {}: cannot delete {name}: {e}", image.name()),
         }
+    }
+    // What gc reports deleted stays deleted, whatever happens next: one commit for them all.
+    if !deleted.is_empty() {
+        backend.make_durable(image.dir())?;
     }
     Ok(deleted)
 }

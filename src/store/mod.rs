@@ -71,18 +71,25 @@ impl Store {
         self.backend.as_ref()
     }
 
-    pub fn image(&self, name: &ImageName) -> Image<'_> {
-        Image { store: self, dir: self.root.join(name.as_str()), name: name.clone() }
+    /// The image `name`, whose directory need not exist yet; one that is a symlink (or not a
+    /// directory at all) is refused: nothing in an image directory outside the store is ever
+    /// read as a snapshot, booted, written or deleted.
+    pub fn image(&self, name: &ImageName) -> Result<Image<'_>> {
+        let dir = self.root.join(name.as_str());
+        check_store_dir(&dir).map_err(|e| e.context(format!("image {name}")))?;
+        Ok(Image { store: self, dir, name: name.clone() })
     }
 
-    /// Every image in the store (directories with a valid name), sorted.
+    /// Every image in the store, sorted: the entries with a valid name that are directories, and
+    /// those that are symlinks, so that commands going through every image name them (`image`
+    /// refuses them) instead of passing over them in silence.
     pub fn images(&self) -> Result<Vec<ImageName>> {
         let mut names = Vec::new();
         for entry in read_dir(&self.root)? {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Ok(image) = ImageName::parse(name) {
-                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                if entry.file_type().map(|t| t.is_dir() || t.is_symlink()).unwrap_or(false) {
                     names.push(image);
                 }
             }
@@ -102,6 +109,7 @@ impl Store {
     /// service that does not run as root.
     pub fn create_job_dir(&self, machine: &str, tree: &Path) -> Result<PathBuf> {
         use std::os::unix::fs::MetadataExt;
+        self.check_jobs_dir()?;
         let dir = self.job_dir(machine);
         self.backend.delete(&dir)?;
         std::fs::DirBuilder::new()
@@ -126,11 +134,24 @@ impl Store {
 
     /// Names of every job directory present (for gc of crashed jobs).
     pub fn job_dirs(&self) -> Result<Vec<String>> {
+        self.check_jobs_dir()?;
         let dir = self.root.join(JOBS_DIR);
         if !dir.exists() {
             return Ok(Vec::new());
         }
         Ok(read_dir(&dir)?.filter_map(|e| e.file_name().into_string().ok()).collect())
+    }
+
+    /// Makes the deletions of what crashed jobs left survive a crash: their directories in
+    /// `.jobs` and, on btrfs (whose commit covers the whole file system), their nspawn copies.
+    pub fn make_job_deletions_durable(&self) -> Result<()> {
+        let dir = self.root.join(JOBS_DIR);
+        self.backend.make_durable(if dir.is_dir() { &dir } else { &self.root })
+    }
+
+    /// Refuses a `.jobs` that is a symlink: job directories are made and deleted in it.
+    fn check_jobs_dir(&self) -> Result<()> {
+        check_store_dir(&self.root.join(JOBS_DIR))
     }
 }
 
@@ -186,7 +207,8 @@ impl Image<'_> {
         if self.exists() {
             return Ok(());
         }
-        let available = self.store.images().unwrap_or_default();
+        let mut available = self.store.images().unwrap_or_default();
+        available.retain(|name| self.store.image(name).is_ok());
         let available: Vec<&str> = available.iter().map(ImageName::as_str).collect();
         if is_old_layout(&self.dir) {
             return Err(Error::new(format!(
@@ -206,10 +228,15 @@ impl Image<'_> {
         self.dir.join(snapshot.to_string())
     }
 
-    /// The snapshot `current` points to, checked to be a snapshot directory of this image.
+    /// The snapshot `current` points to, checked to be a snapshot directory of this image:
+    /// `current` is a symlink to a bare snapshot name, and that entry is a directory (not a
+    /// symlink to one).
     pub fn current(&self) -> Result<SnapshotName> {
         self.must_exist()?;
         let link = self.dir.join(CURRENT);
+        if !std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::new(format!("image {}: {} is not a symlink", self.name, link.display())));
+        }
         let target = std::fs::read_link(&link).with_context(|| format!("reading {}", link.display()))?;
         let target_str = target.to_str().unwrap_or("");
         let snapshot = SnapshotName::parse(target_str).map_err(|_| {
@@ -223,6 +250,11 @@ impl Image<'_> {
         let path = self.snapshot_path(&snapshot);
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() => Ok(snapshot),
+            Ok(meta) if meta.file_type().is_symlink() => Err(Error::new(format!(
+                "image {}: {} points to {snapshot}, which is a symlink, not a snapshot directory",
+                self.name,
+                link.display()
+            ))),
             _ => Err(Error::new(format!(
                 "image {}: {} is dangling (snapshot {} is missing)",
                 self.name,
@@ -344,10 +376,32 @@ impl JobLeftovers<'_> {
                     self.image
                 )));
             }
+            // The copy's path goes through the image directory, which must still be the store's.
+            self.store.image(&self.image)?;
             self.store.backend.delete(copy)?;
             remove_if_present(&nspawn_lock_path(copy))?;
         }
+        self.store.check_jobs_dir()?;
         self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
+    }
+}
+
+/// Accepts a directory of the store at `path`, or nothing there (yet); refuses a symlink, whose
+/// target may lie anywhere, and any other kind of file.
+fn check_store_dir(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::from(e).context(format!("stat {}", path.display()))),
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.file_type().is_symlink() => {
+            let target = std::fs::read_link(path).unwrap_or_default();
+            Err(Error::new(format!(
+                "{} is a symlink (to {}), not a directory of the store: refusing to follow it",
+                path.display(),
+                target.display()
+            )))
+        }
+        Ok(_) => Err(Error::new(format!("{} is not a directory", path.display()))),
     }
 }
 
@@ -380,6 +434,24 @@ pub fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// Writes `bytes` to `path` (mode 0600) atomically: into `temp` beside it, fsynced, renamed
+/// over `path`. On any error `temp` is removed again: a full file system keeps nothing of a
+/// write that failed.
+pub fn write_atomically(path: &Path, temp: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(temp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(temp);
+        Error::from(e).context(format!("writing {}", path.display()))
+    })
+}
+
 /// fsyncs a directory, making renames and new entries in it durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
@@ -401,6 +473,36 @@ mod tests {
         assert_eq!(classify("current", false), Entry::Bookkeeping("current".into()));
         assert_eq!(classify(".current.77", false), Entry::Bookkeeping(".current.77".into()));
         assert_eq!(classify("etc", true), Entry::Foreign("etc".into()));
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-write-test-{}", std::process::id()));
+        let (path, temp) = (dir.join("7.json"), dir.join(".7.json.tmp"));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_atomically(&path, &temp, b"one").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        // The rename fails: a directory (not empty) is where the file goes.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("x")).unwrap();
+        let e = write_atomically(&path, &temp, b"two").unwrap_err();
+        assert!(e.to_string().starts_with(&format!("writing {}: ", path.display())), "{e}");
+        assert!(std::fs::symlink_metadata(&temp).is_err(), "{} left behind", temp.display());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_real_directories_are_store_directories() {
+        let dir = std::env::temp_dir().join(format!("nspawn-runner-store-dir-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        std::os::unix::fs::symlink("real", dir.join("link")).unwrap();
+        std::fs::write(dir.join("file"), "").unwrap();
+        assert!(check_store_dir(&dir.join("real")).is_ok());
+        assert!(check_store_dir(&dir.join("missing")).is_ok());
+        let e = check_store_dir(&dir.join("link")).unwrap_err().to_string();
+        assert!(e.contains("is a symlink (to real)"), "{e}");
+        assert!(check_store_dir(&dir.join("file")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

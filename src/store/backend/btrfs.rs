@@ -37,6 +37,8 @@ pub struct VolArgsV2 {
 nix::ioctl_write_ptr!(ioc_subvol_create, BTRFS_IOCTL_MAGIC, 14, VolArgs);
 nix::ioctl_write_ptr!(ioc_snap_destroy, BTRFS_IOCTL_MAGIC, 15, VolArgs);
 nix::ioctl_write_ptr!(ioc_snap_create_v2, BTRFS_IOCTL_MAGIC, 23, VolArgsV2);
+nix::ioctl_read!(ioc_start_sync, BTRFS_IOCTL_MAGIC, 24, u64);
+nix::ioctl_write_ptr!(ioc_wait_sync, BTRFS_IOCTL_MAGIC, 22, u64);
 
 /// Splits `path` into an open handle on its parent directory and its last component.
 fn parent_and_name(path: &Path) -> Result<(File, &OsStr)> {
@@ -144,6 +146,10 @@ impl Backend for Btrfs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             other => other.with_context(|| format!("stat {}", path.display()))?,
         };
+        if meta.file_type().is_symlink() {
+            // Never a tree to delete through: only the link goes, as with the plain backend.
+            return std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()));
+        }
         if !is_subvolume(&meta) {
             // A plain directory on btrfs (e.g. an overlay upper dir, or a tree copied in by hand).
             for nested in nested_subvolumes(path)? {
@@ -168,6 +174,21 @@ impl Backend for Btrfs {
 
     fn job_root(&self) -> JobRoot {
         JobRoot::EphemeralSnapshot
+    }
+
+    fn make_durable(&self, dir: &Path) -> Result<()> {
+        // A subvolume deletion is durable once its transaction is committed. Commit the running
+        // transaction and wait for it, as `btrfs subvolume delete --commit-after` does: unlike
+        // syncfs or BTRFS_IOC_SYNC, this writes no file data (of running jobs, say).
+        let context = || format!("committing the btrfs file system of {}", dir.display());
+        let dir = File::open(dir).with_context(context)?;
+        let mut transid: u64 = 0;
+        // SAFETY: both ioctls take a pointer to one u64, valid for the duration of the call.
+        unsafe {
+            ioc_start_sync(dir.as_raw_fd(), &mut transid).with_context(context)?;
+            ioc_wait_sync(dir.as_raw_fd(), &transid).with_context(context)?;
+        }
+        Ok(())
     }
 }
 

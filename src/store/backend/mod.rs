@@ -21,6 +21,9 @@ pub trait Backend {
     fn delete(&self, path: &Path) -> Result<()>;
     /// How a job gets a throw-away root on top of a snapshot.
     fn job_root(&self) -> JobRoot;
+    /// Makes the renames and deletions of entries of `dir` survive a crash (a power cut must
+    /// not bring back what gc reported deleted).
+    fn make_durable(&self, dir: &Path) -> Result<()>;
 }
 
 /// The way a job's writes are kept away from the snapshot it boots.

@@ -48,4 +48,10 @@ impl Backend for Plain {
         // `--ephemeral` would make a full copy here; an overlay costs nothing up front.
         JobRoot::Overlay
     }
+
+    fn make_durable(&self, dir: &Path) -> Result<()> {
+        // Journaling file systems make a directory's entries durable with it, and whatever
+        // was unlinked below a removed entry goes with that entry.
+        crate::store::fsync_dir(dir)
+    }
 }
