@@ -63,9 +63,30 @@ fn keep_machine(ctx: &JobContext, mut state: JobState) -> Result<()> {
 /// Cleans up every machine kept after a failure whose time is up; returns their job ids.
 pub fn stop_expired_kept(settings: &Settings, host: &dyn Host, store: &Store) -> Result<Vec<JobId>> {
     let now = unix_now();
-    let mut stopped = Vec::new();
-    for (state, busy) in StateDir::new(settings).all()? {
-        if busy || state.store != store.root() || !state.kept_expired(now) {
+    let stopped = clean_idle_jobs(settings, host, store, |state| state.kept_expired(now))?;
+    Ok(stopped.into_iter().map(|state| state.job_id).collect())
+}
+
+/// Cleans up every job older than NSPAWN_RUNNER_MAX_JOB_AGE (none when it is 0), whatever its
+/// phase: after a crash of gitlab-runner nobody calls its cleanup. Returns their records.
+pub fn stop_over_age(settings: &Settings, host: &dyn Host, store: &Store) -> Result<Vec<JobState>> {
+    let Some(max) = settings.max_job_age() else { return Ok(Vec::new()) };
+    let now = unix_now();
+    clean_idle_jobs(settings, host, store, |state| state.over_age(max, now))
+}
+
+/// Cleans up every job of `store` that `due` picks and whose lock nobody holds (a prepare or
+/// cleanup working on it), under its lock; returns the records it cleaned.
+fn clean_idle_jobs(
+    settings: &Settings,
+    host: &dyn Host,
+    store: &Store,
+    due: impl Fn(&JobState) -> bool,
+) -> Result<Vec<JobState>> {
+    let states = StateDir::new(settings);
+    let mut cleaned = Vec::new();
+    for (state, busy) in states.all()? {
+        if busy || state.store != store.root() || !due(&state) {
             continue;
         }
         let job = state.job_id.clone();
@@ -76,11 +97,19 @@ pub fn stop_expired_kept(settings: &Settings, host: &dyn Host, store: &Store) ->
             states: StateDir::new(settings),
         };
         let Some(_lock) = ctx.states.try_lock_job(&job)? else { continue };
-        clean_job(&ctx, host, store, state)?;
-        ctx.states.remove_lock(&job)?;
-        stopped.push(job);
+        // The record as it is now, under the lock: a stage may have changed it since the listing.
+        match ctx.states.load(&job)? {
+            Some(state) if due(&state) => {
+                clean_job(&ctx, host, store, state.clone())?;
+                ctx.states.remove_lock(&job)?;
+                cleaned.push(state);
+            }
+            Some(_) => {}
+            // Its cleanup finished meanwhile: our locking must not leave a lock file behind.
+            None => ctx.states.remove_lock(&job)?,
+        }
     }
-    Ok(stopped)
+    Ok(cleaned)
 }
 
 /// Stops the machine of `state` and removes its copies, job directory and state files.
