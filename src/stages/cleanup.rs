@@ -22,7 +22,17 @@ pub fn cleanup(ctx: &JobContext) -> Result<()> {
 pub fn cleanup_job(ctx: &JobContext, host: &dyn Host, open_store: impl Fn(&JobContext) -> Result<Store>) -> Result<()> {
     {
         let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
-        match ctx.states.load(&ctx.job)? {
+        let state = ctx.states.load(&ctx.job)?;
+        if let Some(running) = state.as_ref().and_then(|s| s.machine.running.as_ref()).filter(|r| r.leader_alive()) {
+            // What SIGKILLed run stages' scripts left ends before the machine is kept for a
+            // human, or stopped (which would end it too, less promptly).
+            match machine::end_leftover_scripts(running) {
+                Ok(0) => {}
+                Ok(left) => log::info!("job {}: ended {left} processes that run stages' scripts left", ctx.job),
+                Err(e) => log::warn!("job {}: ending what run stages' scripts left: {e}", ctx.job),
+            }
+        }
+        match state {
             Some(state) if keeps_machine(ctx, &state) => keep_machine(ctx, state)?,
             Some(state) => clean_job(ctx, host, &open_store(ctx)?, state)?,
             None => ctx.states.remove(&ctx.job)?,
