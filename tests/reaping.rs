@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 both_stores! {
     gc_reaps_jobs_over_the_max_age;
     scripts_die_with_their_stage;
+    cgroup_games_of_a_job_touch_only_the_job;
 }
 
 fn state_path(env: &TestEnv, id: &str) -> PathBuf {
@@ -286,4 +287,43 @@ fn scripts_die_with_their_stage(kind: StoreKind) {
         assert_eq!(left(&mark, n), Vec::<i32>::new());
     }
     assert!(!daemon_alive());
+}
+
+/// A hostile job plays with its cgroups: it makes a cgroup named like a script's, and moves a
+/// process out of its script's cgroup (as `systemd-run` would: a job's own processes are not
+/// held in it by force). Only the job's own processes are touched, its stages keep working,
+/// and cleanup ends it all.
+fn cgroup_games_of_a_job_touch_only_the_job(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "cgroupgames") else { return };
+    let job = prepared(&env);
+    let mark = format!("NR_TEST_MARK={}", job.id);
+    let games = [
+        // the machine's hierarchies: unified, or the hybrid layout's two
+        "if [ -e /sys/fs/cgroup/cgroup.controllers ]; then set -- /sys/fs/cgroup; \
+         else set -- /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; fi",
+        &format!("env {mark} sleep 1300 >/dev/null 2>&1 & fake=$!"),
+        &format!("env {mark} sleep 1301 >/dev/null 2>&1 & escaped=$!"),
+        "for cg; do mkdir $cg/nspawn-runner-script-1 $cg/escape; echo $fake > $cg/nspawn-runner-script-1/cgroup.procs; \
+         echo $escaped > $cg/escape/cgroup.procs; done",
+        "grep -q /escape /proc/$escaped/cgroup && echo moved-out",
+    ];
+    let out = job.run("build_script", &job.user_body(&games));
+    out.assert_ok();
+    assert!(out.stdout.contains("moved-out"), "{}", out.describe());
+    let alive = |n: &str| marked_processes(&["sleep", n], &mark).len() == 1;
+    assert!(alive("1300") && alive("1301"), "neither is in the script's cgroup any more");
+    // the next stage ends what sits in a cgroup named like a script's (the job's own process)
+    let out = job.run("after_script", &job.user_body(&["echo after"]));
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("ended 1 processes that the scripts of earlier stages left running"),
+        "{}",
+        out.describe()
+    );
+    assert!(!alive("1300"));
+    // what the job moved to a cgroup of its own lives on, like a daemon, until cleanup
+    assert!(alive("1301"));
+    job.cleanup().assert_ok();
+    assert_nothing_left(&env, &job.id);
+    assert!(!alive("1301"));
 }
