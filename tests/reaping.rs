@@ -219,7 +219,7 @@ fn scripts_die_with_their_stage(kind: StoreKind) {
     // held the stage's stdout: gitlab-runner would wait for it forever).
     let out = job.run("build_script", &job.user_body(&[&format!("env {mark} sleep 900 &"), "echo done"]));
     out.assert_ok();
-    assert!(out.stderr.contains("ended 1 processes that the script left running"), "{}", out.describe());
+    assert!(out.stderr.contains("ended 1 process that the script left running"), "{}", out.describe());
     assert_eq!(marked_processes(&["sleep", "900"], &mark), Vec::<i32>::new());
 
     // gitlab-runner's force kill: SIGKILL to the run stage's process group. Its guard ends the
@@ -316,7 +316,7 @@ fn cgroup_games_of_a_job_touch_only_the_job(kind: StoreKind) {
     let out = job.run("after_script", &job.user_body(&["echo after"]));
     out.assert_ok();
     assert!(
-        out.stderr.contains("ended 1 processes that the scripts of earlier stages left running"),
+        out.stderr.contains("ended 1 process that the scripts of earlier stages left running"),
         "{}",
         out.describe()
     );

@@ -143,7 +143,7 @@ pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Durat
     let earlier = script_cgroup::end_leftover_scripts(running)
         .map_err(|e| e.context("ending what earlier stages' scripts left running"))?;
     if earlier > 0 {
-        log::warn!("ended {earlier} processes that the scripts of earlier stages left running");
+        log::warn!("ended {} that the scripts of earlier stages left running", processes(earlier));
     }
     let cgroup = ScriptCgroup::create(running.leader_pid)?;
     let guard = match cgroup.guard() {
@@ -157,12 +157,18 @@ pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Durat
     match cgroup.end() {
         Ok(0) => {}
         Ok(left) => log::warn!(
-            "ended {left} processes that the script left running (a daemon for later stages needs systemctl)"
+            "ended {} that the script left running (a daemon for later stages needs systemctl)",
+            processes(left)
         ),
         Err(e) => log::warn!("ending what the script left running: {e}"),
     }
     guard.stop();
     outcome
+}
+
+/// "1 process", "2 processes".
+fn processes(count: usize) -> String {
+    format!("{count} process{}", if count == 1 { "" } else { "es" })
 }
 
 /// `run_script` in `cgroup`.

@@ -28,7 +28,7 @@ pub fn cleanup_job(ctx: &JobContext, host: &dyn Host, open_store: impl Fn(&JobCo
             // human, or stopped (which would end it too, less promptly).
             match machine::end_leftover_scripts(running) {
                 Ok(0) => {}
-                Ok(left) => log::info!("job {}: ended {left} processes that run stages' scripts left", ctx.job),
+                Ok(left) => log::info!("job {}: processes that run stages' scripts left, ended: {left}", ctx.job),
                 Err(e) => log::warn!("job {}: ending what run stages' scripts left: {e}", ctx.job),
             }
         }
@@ -86,40 +86,53 @@ pub fn stop_over_age(settings: &Settings, host: &dyn Host, store: &Store) -> Res
 }
 
 /// Cleans up every job of `store` that `due` picks and whose lock nobody holds (a prepare or
-/// cleanup working on it), under its lock; returns the records it cleaned.
+/// cleanup working on it), under its lock; returns the records it cleaned. A job that cannot
+/// be cleaned is a warning: it must not keep the others running.
 fn clean_idle_jobs(
     settings: &Settings,
     host: &dyn Host,
     store: &Store,
     due: impl Fn(&JobState) -> bool,
 ) -> Result<Vec<JobState>> {
-    let states = StateDir::new(settings);
     let mut cleaned = Vec::new();
-    for (state, busy) in states.all()? {
+    for (state, busy) in StateDir::new(settings).all()? {
         if busy || state.store != store.root() || !due(&state) {
             continue;
         }
-        let job = state.job_id.clone();
         let ctx = JobContext {
             settings: settings.clone(),
             env: JobEnv::default(),
-            job: job.clone(),
+            job: state.job_id.clone(),
             states: StateDir::new(settings),
         };
-        let Some(_lock) = ctx.states.try_lock_job(&job)? else { continue };
-        // The record as it is now, under the lock: a stage may have changed it since the listing.
-        match ctx.states.load(&job)? {
-            Some(state) if due(&state) => {
-                clean_job(&ctx, host, store, state.clone())?;
-                ctx.states.remove_lock(&job)?;
-                cleaned.push(state);
-            }
-            Some(_) => {}
-            // Its cleanup finished meanwhile: our locking must not leave a lock file behind.
-            None => ctx.states.remove_lock(&job)?,
+        match clean_if_due(&ctx, host, store, &due) {
+            Ok(Some(state)) => cleaned.push(state),
+            Ok(None) => {}
+            Err(e) => log::warn!("job {}: {e}", ctx.job),
         }
     }
     Ok(cleaned)
+}
+
+/// Cleans up the job of `ctx` if nobody holds its lock and its record, read again under the
+/// lock (a stage may have changed it since the listing), is still `due`.
+fn clean_if_due(
+    ctx: &JobContext,
+    host: &dyn Host,
+    store: &Store,
+    due: impl Fn(&JobState) -> bool,
+) -> Result<Option<JobState>> {
+    let Some(_lock) = ctx.states.try_lock_job(&ctx.job)? else { return Ok(None) };
+    match ctx.states.load(&ctx.job)? {
+        Some(state) if due(&state) => {
+            clean_job(ctx, host, store, state.clone())?;
+            ctx.states.remove_lock(&ctx.job)?;
+            Ok(Some(state))
+        }
+        Some(_) => Ok(None),
+        // Its cleanup finished meanwhile: our locking must not leave a lock file behind.
+        None => ctx.states.remove_lock(&ctx.job).map(|()| None),
+    }
 }
 
 /// Stops the machine of `state` and removes its copies, job directory and state files.
