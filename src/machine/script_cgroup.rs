@@ -91,6 +91,7 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// Ends the guard: the stage is ending its leaf itself.
     pub fn stop(self) {
         let _ = kill(self.pid, Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(self.pid, None);
