@@ -464,6 +464,7 @@ if want job || want purge; then
     perm="$(in_root stat -c "%a %U:%G" /run/nspawn-runner 2>/dev/null || echo missing)"
     [ "$perm" = "700 root:root" ] && pass "/run/nspawn-runner created by tmpfiles.d, 0700 root:root" || fail "/run/nspawn-runner is '$perm', expected '700 root:root'"
     for f in usr/lib/systemd/system/nspawn-runner-maintenance.service usr/lib/systemd/system/nspawn-runner-maintenance.timer \
+             usr/lib/systemd/system/nspawn-runner-gc.service usr/lib/systemd/system/nspawn-runner-gc.timer \
              usr/lib/tmpfiles.d/nspawn-runner.conf usr/share/man/man1/nspawn-runner.1.gz \
              usr/share/doc/nspawn-runner/examples/config.toml.example \
              usr/share/doc/nspawn-runner/examples/hooks/example.d/10-apt-upgrade \
@@ -474,6 +475,8 @@ if want job || want purge; then
         && pass "example hook is executable" || fail "example hook is not executable"
     [ -L "$ROOTFS/etc/systemd/system/timers.target.wants/nspawn-runner-maintenance.timer" ] \
         && pass "maintenance timer enabled" || fail "maintenance timer not enabled"
+    [ -L "$ROOTFS/etc/systemd/system/timers.target.wants/nspawn-runner-gc.timer" ] \
+        && pass "gc timer enabled" || fail "gc timer not enabled"
     if in_root man -w nspawn-runner >/dev/null 2>&1 || [ -e "$ROOTFS/usr/share/man/man1/nspawn-runner.1.gz" ]; then
         if zcat "$ROOTFS/usr/share/man/man1/nspawn-runner.1.gz" | grep -q '^\.SH'; then pass "man page has sections"; else fail "man page is empty"; fi
     fi

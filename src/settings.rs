@@ -82,6 +82,10 @@ pub struct Settings {
     /// Minutes the machine of a failed job stays up after cleanup, for `shell` (0: none).
     #[serde(default)]
     pub keep_failed: u64,
+    /// Seconds after its prepare when gc stops a job's machine, whatever it is doing (0: never):
+    /// the reaper of machines whose gitlab-runner crashed before their cleanup.
+    #[serde(default = "default_max_job_age")]
+    pub max_job_age: u64,
     /// Log filter (`debug`, `info`, `warn`, `error`); unset: warn for stages, info for commands.
     #[serde(default)]
     pub log: Option<String>,
@@ -119,6 +123,10 @@ fn default_lock_timeout() -> u64 {
 }
 fn default_keep() -> usize {
     1
+}
+/// 6 h: above gitlab-runner's default job timeout (1 h) and a generous project's.
+fn default_max_job_age() -> u64 {
+    6 * 3600
 }
 
 /// Where the cache dir appears inside every machine.
@@ -321,6 +329,11 @@ impl Settings {
     /// How long cleanup leaves the machine of a failed job up (None: not at all).
     pub fn keep_failed(&self) -> Option<Duration> {
         Some(Duration::from_secs(self.keep_failed * 60)).filter(|d| !d.is_zero())
+    }
+
+    /// How old (since its prepare) a job may get before gc stops its machine (None: no limit).
+    pub fn max_job_age(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.max_job_age)).filter(|d| !d.is_zero())
     }
 
     /// Creates the state dir (root-only) if needed.
@@ -579,6 +592,7 @@ mod tests {
         assert_eq!(s.builds_dir, "/builds");
         assert_eq!(s.keep, 1);
         assert_eq!(s.systemd, SystemdMode::Auto);
+        assert_eq!(s.max_job_age(), Some(Duration::from_secs(21600)));
         assert!(s.unit_properties(&ImageSettings::default()).is_empty());
     }
 
@@ -607,6 +621,11 @@ mod tests {
         let s = settings(&[("NSPAWN_RUNNER_RECREATE", "trixie,sid")]).unwrap();
         assert!(s.recreates("sid") && !s.recreates("bookworm"));
         assert!(settings(&[("NSPAWN_RUNNER_RECREATE", "all")]).unwrap().recreates("bookworm"));
+        assert_eq!(settings(&[("NSPAWN_RUNNER_MAX_JOB_AGE", "0")]).unwrap().max_job_age(), None);
+        assert_eq!(
+            settings(&[("NSPAWN_RUNNER_MAX_JOB_AGE", "7200")]).unwrap().max_job_age(),
+            Some(Duration::from_secs(7200))
+        );
     }
 
     #[test]

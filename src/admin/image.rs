@@ -268,9 +268,19 @@ fn rollback(settings: &Settings, name: &ImageName, target: Option<&str>) -> Resu
 fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     let store = Store::open(settings)?;
     let states = StateDir::new(settings);
-    // Kept machines of failed jobs whose time is up, and crashed jobs first: their leases
-    // end, so gc can free their snapshots too.
+    // Jobs over NSPAWN_RUNNER_MAX_JOB_AGE, kept machines of failed jobs whose time is up, and
+    // crashed jobs first: their leases end, so gc can free their snapshots too.
     let host = crate::machine::host(settings);
+    let now = crate::jobs::state::unix_now();
+    for state in crate::stages::cleanup::stop_over_age(settings, host.as_ref(), &store)? {
+        println!(
+            "stopped machine {} of job {}: {} old, over NSPAWN_RUNNER_MAX_JOB_AGE={}",
+            state.machine.name,
+            state.job_id,
+            state.age(now).map(format_age).unwrap_or_else(|| "?".to_owned()),
+            settings.max_job_age
+        );
+    }
     for job in crate::stages::cleanup::stop_expired_kept(settings, host.as_ref(), &store)? {
         println!("stopped the kept machine of failed job {job}");
     }

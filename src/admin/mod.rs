@@ -37,7 +37,8 @@ pub(crate) fn format_age(seconds: u64) -> String {
     }
 }
 
-/// Prints every job machine with its image, snapshot, state and age; JSON with `json`.
+/// Prints every job machine with its image, snapshot, state and age (since its prepare); JSON
+/// with `json`.
 pub fn status(settings: &Settings, json: bool) -> Result<()> {
     let states = StateDir::new(settings).all()?;
     let now = unix_now();
@@ -55,7 +56,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<()> {
                 },
                 "kept_until": state.kept_until,
                 "phase": state.phase.as_str(),
-                "age_seconds": state.machine.running.as_ref().and_then(|r| r.age()).map(|a| a.as_secs()),
+                "age_seconds": state.age(now),
                 "unit": state.machine.unit,
             })
         })

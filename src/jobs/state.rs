@@ -64,6 +64,10 @@ pub struct JobState {
     /// Kept machines: when (unix seconds) gc may stop them.
     #[serde(default)]
     pub kept_until: Option<u64>,
+    /// When (unix seconds) prepare pinned the job: its age, which NSPAWN_RUNNER_MAX_JOB_AGE
+    /// bounds. None in records of versions before it.
+    #[serde(default)]
+    pub pinned_at: Option<u64>,
 }
 
 /// The state files of one state dir.
@@ -197,6 +201,7 @@ impl JobState {
             phase: Phase::Pinned,
             failed: false,
             kept_until: None,
+            pinned_at: Some(unix_now()),
         }
     }
 
@@ -266,6 +271,20 @@ impl JobState {
     pub fn kept_expired(&self, now: u64) -> bool {
         self.phase == Phase::Kept && self.kept_until.is_none_or(|until| until <= now)
     }
+
+    /// Seconds since prepare pinned the job (at unix time `now`); for a record that does not
+    /// say, the age of its machine's nspawn process. None when neither is known.
+    pub fn age(&self, now: u64) -> Option<u64> {
+        match self.pinned_at {
+            Some(pinned) => Some(now.saturating_sub(pinned)),
+            None => self.machine.running.as_ref().and_then(|r| r.age()).map(|age| age.as_secs()),
+        }
+    }
+
+    /// True when the job is older than `max` (at unix time `now`).
+    pub fn over_age(&self, max: Duration, now: u64) -> bool {
+        self.age(now).is_some_and(|age| age > max.as_secs())
+    }
 }
 
 #[cfg(test)]
@@ -312,7 +331,24 @@ mod tests {
         let state: JobState = serde_json::from_str(old).unwrap();
         assert_eq!((state.machine.name.as_str(), state.phase), ("run-42", Phase::Booting));
         assert_eq!(state.condition(false), "crashed");
-        assert!(!state.failed && state.kept_until.is_none());
+        assert!(!state.failed && state.kept_until.is_none() && state.pinned_at.is_none());
+        assert_eq!(state.age(unix_now()), None, "no prepare time and no machine: no age");
+    }
+
+    #[test]
+    fn the_age_counts_from_prepare_else_from_the_machine_process() {
+        let mut state = record();
+        let now = state.pinned_at.unwrap();
+        assert_eq!(state.age(now + 30), Some(30));
+        assert!(
+            state.over_age(Duration::from_secs(29), now + 30) && !state.over_age(Duration::from_secs(30), now + 30)
+        );
+        // A record of an older version: the machine's process age, here this test process's.
+        state.pinned_at = None;
+        let me = std::process::id() as i32;
+        let running = state.machine.running.as_mut().unwrap();
+        (running.nspawn_pid, running.nspawn_start_time) = (me, crate::machine::process_start_time(me).unwrap());
+        assert!(state.age(now).is_some_and(|age| age < 24 * 3600));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Running a job script inside a machine by joining its namespaces (setns), no helper process.
 
 use super::privileges::{self, Capabilities, Limits};
+use super::script_cgroup::{self, ScriptCgroup};
 use super::seccomp::Filters;
 use super::{Running, SAFE_PATH};
 use crate::error::{Context, Error, Result};
@@ -11,7 +12,7 @@ use nix::unistd::Pid;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -83,13 +84,13 @@ struct Entry {
 
 impl Entry {
     /// Gathers what the machine's init has (its seccomp filters from `seccomp`, see
-    /// `machine_filters`), and joins its pid namespace here, so the forked child is the
-    /// machine's process (as nsenter does with its extra fork). This process is
-    /// single-threaded and forks nothing else.
-    fn open(running: &Running, seccomp: &Path) -> Result<Entry> {
+    /// `machine_filters`; the child joins `cgroups`), and joins its pid namespace here, so the
+    /// forked child is the machine's process (as nsenter does with its extra fork). This
+    /// process is single-threaded and forks nothing else after this.
+    fn open(running: &Running, seccomp: &Path, cgroups: &[PathBuf]) -> Result<Entry> {
         let leader = running.leader_pid;
         let mut entry = Entry {
-            cgroups: privileges::open_cgroups_of(leader)?,
+            cgroups: privileges::open_procs(cgroups)?,
             limits: Limits::of(leader)?,
             namespaces: open_namespaces(leader)?,
             root: File::open(format!("/proc/{leader}/root")).context("opening the machine's root")?,
@@ -106,6 +107,7 @@ impl Entry {
     /// `argv` to run as root inside the machine, in a clean environment, with our stdout and
     /// stderr; in a session of its own when `own_session` (else in our terminal's session).
     fn command(self, argv: &[String], own_session: bool) -> Command {
+        let parent = std::process::id() as i32;
         let mut command = Command::new(&argv[0]);
         command
             .args(&argv[1..])
@@ -120,7 +122,7 @@ impl Entry {
             .stderr(Stdio::inherit());
         // SAFETY: only async-signal-safe system calls run between fork and exec.
         unsafe {
-            command.pre_exec(move || enter_machine(&self, own_session));
+            command.pre_exec(move || enter_machine(&self, own_session, parent));
         }
         command
     }
@@ -131,9 +133,53 @@ impl Entry {
 /// its cgroups, rlimits, namespaces, root, capability sets, NoNewPrivs and seccomp filters
 /// (those prepare saved at `seccomp`), and no file descriptor of ours but stdio. On
 /// SIGTERM/SIGINT/SIGHUP the script's process group gets SIGTERM, then SIGKILL after `grace`.
+///
+/// The script runs in a cgroup of its own (`ScriptCgroup`), ended when it is over: nothing it
+/// started outlives the stage, not even when the stage is SIGKILLed (bash dies with it, and the
+/// leaf's guard ends the rest). Daemons a job wants between stages, it starts with systemctl.
+/// What earlier stages' scripts left (their stage and guard were SIGKILLed) is ended first.
 pub fn run_script(running: &Running, script: &Path, seccomp: &Path, grace: Duration) -> Result<ScriptOutcome> {
     let script_file = open_script(script)?;
-    let entry = Entry::open(running, seccomp)?;
+    let earlier = script_cgroup::end_leftover_scripts(running)
+        .map_err(|e| e.context("ending what earlier stages' scripts left running"))?;
+    if earlier > 0 {
+        log::warn!("ended {} that the scripts of earlier stages left running", processes(earlier));
+    }
+    let cgroup = ScriptCgroup::create(running.leader_pid)?;
+    let guard = match cgroup.guard() {
+        Ok(guard) => guard,
+        Err(e) => {
+            let _ = cgroup.end();
+            return Err(e);
+        }
+    };
+    let outcome = run_in(&cgroup, running, script_file, seccomp, grace);
+    match cgroup.end() {
+        Ok(0) => {}
+        Ok(left) => log::warn!(
+            "ended {} that the script left running (a daemon for later stages needs systemctl)",
+            processes(left)
+        ),
+        Err(e) => log::warn!("ending what the script left running: {e}"),
+    }
+    guard.stop();
+    outcome
+}
+
+/// "1 process", "2 processes".
+fn processes(count: usize) -> String {
+    format!("{count} process{}", if count == 1 { "" } else { "es" })
+}
+
+/// `run_script` in `cgroup`.
+fn run_in(
+    cgroup: &ScriptCgroup,
+    running: &Running,
+    script_file: File,
+    seccomp: &Path,
+    grace: Duration,
+) -> Result<ScriptOutcome> {
+    let entry = Entry::open(running, seccomp, cgroup.dirs())?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
     let signals = crate::signals::stop_set();
@@ -183,7 +229,8 @@ fn open_script(script: &Path) -> Result<File> {
 pub fn open_shell(running: &Running, seccomp: &Path, command: &[String]) -> Result<i32> {
     let login = ["/bin/bash".to_owned(), "--login".to_owned()];
     let argv = if command.is_empty() { &login[..] } else { command };
-    let mut child = Entry::open(running, seccomp)?.command(argv, false);
+    let cgroups = privileges::cgroups_of(running.leader_pid)?;
+    let mut child = Entry::open(running, seccomp, &cgroups)?.command(argv, false);
     child.stdin(Stdio::inherit());
     if let Some(term) = std::env::var_os("TERM") {
         child.env("TERM", term);
@@ -208,8 +255,8 @@ pub fn open_shell(running: &Running, seccomp: &Path, command: &[String]) -> Resu
 /// machine's cgroups, take its rlimits, join its namespaces (user last) as its root, enter its
 /// root directory, get a session, take its capabilities and NoNewPrivs, mark every descriptor
 /// but stdio close-on-exec, and load its seccomp filters last. Without `own_session` it stays
-/// in our terminal's session (an interactive shell).
-fn enter_machine(entry: &Entry, own_session: bool) -> std::io::Result<()> {
+/// in our terminal's session (an interactive shell). It dies with `parent`, us.
+fn enter_machine(entry: &Entry, own_session: bool, parent: i32) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
     SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
@@ -247,6 +294,13 @@ fn enter_machine(entry: &Entry, own_session: bool) -> std::io::Result<()> {
         nix::unistd::setsid().map_err(std::io::Error::from)?;
     }
     entry.capabilities.apply()?;
+    // SIGKILLed when we die, however we die (gitlab-runner's force kill): set after the last
+    // change of credentials, which clears it. Our pid is not in the machine's pid namespace,
+    // so getppid() says 0 while we live, and something else once we are gone.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) })?;
+    if ![0, parent].contains(&nix::unistd::getppid().as_raw()) {
+        return Err(std::io::Error::other("the stage died"));
+    }
     // Whatever gitlab-runner or we left open (namespaces, cgroups, the machine's root) closes
     // at exec; std's own exec-error pipe already is close-on-exec.
     check(unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) })?;

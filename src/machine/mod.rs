@@ -9,6 +9,7 @@ pub mod nspawn;
 mod plain;
 mod privileges;
 mod running;
+mod script_cgroup;
 mod seccomp;
 pub mod spawn;
 mod systemd;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use enter::{open_shell, run_script, ScriptOutcome};
 pub use running::{process_start_time, Machine, Running};
+pub use script_cgroup::end_leftover_scripts;
 
 /// Everything needed to boot one job's machine.
 pub struct MachineSpec<'s> {

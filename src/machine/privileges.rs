@@ -152,30 +152,37 @@ impl Limits {
     }
 }
 
-/// The `cgroup.procs` files of every cgroup hierarchy process `pid` is in (cgroup v2, and on a
-/// v1 or hybrid host each v1 hierarchy and the named systemd one), opened for writing: writing
-/// "0" to each moves the writer into the same cgroups.
-pub fn open_cgroups_of(pid: i32) -> Result<Vec<File>> {
+/// The directories of the cgroups process `pid` is in, one per hierarchy mounted here (cgroup
+/// v2, and on a v1 or hybrid host each v1 hierarchy and the named systemd one).
+pub fn cgroups_of(pid: i32) -> Result<Vec<PathBuf>> {
     let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .with_context(|| format!("reading the cgroups of machine process {pid}"))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mounts = cgroup_mounts(&mountinfo);
-    let mut files = Vec::new();
+    let mut dirs = Vec::new();
     for line in membership.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
-        let Some(dir) = hierarchy_dir(&mounts, controllers, path) else {
-            log::debug!("cgroup hierarchy {controllers:?} is not mounted here");
-            continue;
-        };
-        let procs = dir.join("cgroup.procs");
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .with_context(|| format!("opening {} to join the machine's cgroup", procs.display()))?;
-        files.push(file);
+        match hierarchy_dir(&mounts, controllers, path) {
+            Some(dir) => dirs.push(dir),
+            None => log::debug!("cgroup hierarchy {controllers:?} is not mounted here"),
+        }
     }
-    Ok(files)
+    Ok(dirs)
+}
+
+/// The `cgroup.procs` files of the cgroups `dirs`, opened for writing: writing "0" to each
+/// moves the writer into that cgroup.
+pub fn open_procs(dirs: &[PathBuf]) -> Result<Vec<File>> {
+    dirs.iter()
+        .map(|dir| {
+            let procs = dir.join("cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .with_context(|| format!("opening {} to join the machine's cgroup", procs.display()))
+        })
+        .collect()
 }
 
 /// A mounted cgroup hierarchy: its super options (v1, controllers among them; none for v2), the

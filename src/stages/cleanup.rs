@@ -22,7 +22,17 @@ pub fn cleanup(ctx: &JobContext) -> Result<()> {
 pub fn cleanup_job(ctx: &JobContext, host: &dyn Host, open_store: impl Fn(&JobContext) -> Result<Store>) -> Result<()> {
     {
         let _job_lock = ctx.states.lock_job(&ctx.job, ctx.job_lock_timeout())?;
-        match ctx.states.load(&ctx.job)? {
+        let state = ctx.states.load(&ctx.job)?;
+        if let Some(running) = state.as_ref().and_then(|s| s.machine.running.as_ref()).filter(|r| r.leader_alive()) {
+            // What SIGKILLed run stages' scripts left ends before the machine is kept for a
+            // human, or stopped (which would end it too, less promptly).
+            match machine::end_leftover_scripts(running) {
+                Ok(0) => {}
+                Ok(left) => log::info!("job {}: processes that run stages' scripts left, ended: {left}", ctx.job),
+                Err(e) => log::warn!("job {}: ending what run stages' scripts left: {e}", ctx.job),
+            }
+        }
+        match state {
             Some(state) if keeps_machine(ctx, &state) => keep_machine(ctx, state)?,
             Some(state) => clean_job(ctx, host, &open_store(ctx)?, state)?,
             None => ctx.states.remove(&ctx.job)?,
@@ -63,24 +73,66 @@ fn keep_machine(ctx: &JobContext, mut state: JobState) -> Result<()> {
 /// Cleans up every machine kept after a failure whose time is up; returns their job ids.
 pub fn stop_expired_kept(settings: &Settings, host: &dyn Host, store: &Store) -> Result<Vec<JobId>> {
     let now = unix_now();
-    let mut stopped = Vec::new();
+    let stopped = clean_idle_jobs(settings, host, store, |state| state.kept_expired(now))?;
+    Ok(stopped.into_iter().map(|state| state.job_id).collect())
+}
+
+/// Cleans up every job older than NSPAWN_RUNNER_MAX_JOB_AGE (none when it is 0), whatever its
+/// phase: after a crash of gitlab-runner nobody calls its cleanup. Returns their records.
+pub fn stop_over_age(settings: &Settings, host: &dyn Host, store: &Store) -> Result<Vec<JobState>> {
+    let Some(max) = settings.max_job_age() else { return Ok(Vec::new()) };
+    let now = unix_now();
+    clean_idle_jobs(settings, host, store, |state| state.over_age(max, now))
+}
+
+/// Cleans up every job of `store` that `due` picks and whose lock nobody holds (a prepare or
+/// cleanup working on it), under its lock; returns the records it cleaned. A job that cannot
+/// be cleaned is a warning: it must not keep the others running.
+fn clean_idle_jobs(
+    settings: &Settings,
+    host: &dyn Host,
+    store: &Store,
+    due: impl Fn(&JobState) -> bool,
+) -> Result<Vec<JobState>> {
+    let mut cleaned = Vec::new();
     for (state, busy) in StateDir::new(settings).all()? {
-        if busy || state.store != store.root() || !state.kept_expired(now) {
+        if busy || state.store != store.root() || !due(&state) {
             continue;
         }
-        let job = state.job_id.clone();
         let ctx = JobContext {
             settings: settings.clone(),
             env: JobEnv::default(),
-            job: job.clone(),
+            job: state.job_id.clone(),
             states: StateDir::new(settings),
         };
-        let Some(_lock) = ctx.states.try_lock_job(&job)? else { continue };
-        clean_job(&ctx, host, store, state)?;
-        ctx.states.remove_lock(&job)?;
-        stopped.push(job);
+        match clean_if_due(&ctx, host, store, &due) {
+            Ok(Some(state)) => cleaned.push(state),
+            Ok(None) => {}
+            Err(e) => log::warn!("job {}: {e}", ctx.job),
+        }
     }
-    Ok(stopped)
+    Ok(cleaned)
+}
+
+/// Cleans up the job of `ctx` if nobody holds its lock and its record, read again under the
+/// lock (a stage may have changed it since the listing), is still `due`.
+fn clean_if_due(
+    ctx: &JobContext,
+    host: &dyn Host,
+    store: &Store,
+    due: impl Fn(&JobState) -> bool,
+) -> Result<Option<JobState>> {
+    let Some(_lock) = ctx.states.try_lock_job(&ctx.job)? else { return Ok(None) };
+    match ctx.states.load(&ctx.job)? {
+        Some(state) if due(&state) => {
+            clean_job(ctx, host, store, state.clone())?;
+            ctx.states.remove_lock(&ctx.job)?;
+            Ok(Some(state))
+        }
+        Some(_) => Ok(None),
+        // Its cleanup finished meanwhile: our locking must not leave a lock file behind.
+        None => ctx.states.remove_lock(&ctx.job).map(|()| None),
+    }
 }
 
 /// Stops the machine of `state` and removes its copies, job directory and state files.

@@ -1,12 +1,12 @@
 //! Unit tests of the order of prepare's, cleanup's and gc's steps and of their rollback, without
 //! root: a fake Host and a fake snapshot Backend record what they are asked and fail where told.
 
-use super::cleanup::cleanup_job;
+use super::cleanup::{cleanup_job, stop_over_age};
 use super::prepare::prepare_job;
 use crate::error::{Error, Result};
 use crate::jobs::env::JobEnv;
 use crate::jobs::leases::reap_crashed;
-use crate::jobs::state::{Phase, StateDir};
+use crate::jobs::state::{unix_now, Phase, StateDir};
 use crate::jobs::JobContext;
 use crate::machine::{process_start_time, Host, Machine, MachineSpec, Running};
 use crate::names::{ImageName, JobId};
@@ -351,4 +351,46 @@ fn reaping_crashed_jobs_makes_its_deletions_durable_before_reporting_them() {
     assert_eq!(world.calls(), ["delete run-9", "durable .jobs"]);
     assert!(reap_crashed(&store, &world.ctx.states).unwrap().is_empty());
     assert!(world.calls().is_empty(), "nothing to reap costs no commit");
+}
+
+#[test]
+fn gc_cleans_every_job_over_the_max_age_even_when_one_cannot_be_stopped() {
+    let world = World::new("over-age", JobRoot::Overlay);
+    let host = FakeHost { script: world.script.clone() };
+    let job = |id: &str| JobContext {
+        settings: world.ctx.settings.clone(),
+        env: JobEnv::default(),
+        job: JobId::parse(id).unwrap(),
+        states: StateDir::new(&world.ctx.settings),
+    };
+    let image = ImageName::parse("img").unwrap();
+    for id in ["1", "2", "3"] {
+        prepare_job(&job(id), &world.store(), &host, &image, Some(7)).unwrap();
+    }
+    // jobs 1 and 2 were prepared 7 h ago (the default limit is 6 h), job 3 just now
+    for id in ["1", "2"] {
+        let ctx = job(id);
+        let mut state = ctx.states.load(&ctx.job).unwrap().unwrap();
+        state.pinned_at = Some(unix_now() - 7 * 3600);
+        ctx.states.save(&state).unwrap();
+    }
+    world.calls();
+    let mut off = world.ctx.settings.clone();
+    off.max_job_age = 0;
+    assert!(stop_over_age(&off, &host, &world.store()).unwrap().is_empty());
+    assert!(world.calls().is_empty(), "NSPAWN_RUNNER_MAX_JOB_AGE=0 stopped something");
+    // job 1's machine cannot be stopped: a warning, and job 2 is still cleaned
+    world.fail("stop run-1");
+    let cleaned = stop_over_age(&world.ctx.settings, &host, &world.store()).unwrap();
+    let cleaned: Vec<&str> = cleaned.iter().map(|state| state.job_id.as_str()).collect();
+    assert_eq!(cleaned, ["2"]);
+    assert_eq!(world.calls(), ["stop run-1", "stop run-2", "delete run-2"]);
+    let on_record = |id: &str| job(id).states.load(&JobId::parse(id).unwrap()).unwrap().is_some();
+    assert!(on_record("1") && !on_record("2") && on_record("3"));
+    // the next gc tries job 1 again
+    let cleaned = stop_over_age(&world.ctx.settings, &host, &world.store()).unwrap();
+    assert_eq!(cleaned.len(), 1);
+    cleanup_job(&job("3"), &host, |_| Ok(world.store())).unwrap();
+    world.calls();
+    world.assert_nothing_left();
 }

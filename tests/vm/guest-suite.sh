@@ -278,6 +278,21 @@ echo build-done'
     run_body after_script 'echo "Running after script..."'
     check "$P the machine still works after a cancelled stage (after_script exit $RC)" sh -c "[ $RC = 0 ] && grep -q 'after script' '$OUT'"
 
+    # force kill: SIGKILL to the run stage's process group (gitlab-runner's force_kill_timeout);
+    # what the script started, even in a session of its own, ends with the stage (its guard),
+    # while a daemon it started with the machine's systemd lives on until cleanup
+    run_body_bg build_script 'systemd-run --quiet --unit=vm-job-daemon sleep 1005; setsid sleep 1003 >/dev/null 2>&1 & sleep 1004'
+    if wait_for 60 procs_with 'sleep 1004'; then
+        kill -KILL -- "-$BG"; wait "$BG"
+        check "$P a SIGKILLed stage's processes (sleep 1003/1004) end with it" \
+            wait_for 20 sh -c "! pgrep -f 'sleep 100[34]' >/dev/null"
+        check "$P a daemon the job started with systemd-run lives on" procs_with 'sleep 1005'
+    else
+        fail "$P force kill: the sleep never started"; show "$OUT" "bg out"; show "$ERR" "bg err"
+        kill -KILL -- "-$BG" 2>/dev/null; wait "$BG"
+    fi
+    pkill -f 'sleep 100[34]' 2>/dev/null
+
     # cleanup
     local eph; eph="$(ephemeral_copies)"
     local leader; leader="$(jq -r '.running.leader_pid // empty' "$STATE_DIR/$id.json" 2>/dev/null)"
@@ -287,6 +302,7 @@ echo build-done'
     check "$P machinectl no longer lists $machine" sh -c "! machinectl list --no-legend | grep -q '^$machine '"
     check "$P no unit $unit left (LoadState=$(systemctl show "$unit" -p LoadState --value))" sh -c "! systemctl show '$unit' -p LoadState --value | grep -qx loaded"
     check "$P no systemd-nspawn process for $machine left" sh -c "! pgrep -f '[s]ystemd-nspawn.*--machine=$machine' >/dev/null"
+    check "$P cleanup ended the job's daemon (sleep 1005)" sh -c "! pgrep -f 'sleep 100[5]' >/dev/null"
     check "$P the machine's init (pid ${leader:-?}) is gone" sh -c "[ -n '$leader' ] && { [ ! -e /proc/$leader ] || ! grep -q systemd /proc/$leader/comm 2>/dev/null; }"
     check "$P no ephemeral copy left (was: ${eph:-none})" sh -c "[ -z \"\$(find '$STORE/$IMG' -maxdepth 1 -name '.#machine.*')\" ]"
     check "$P no .jobs/$machine left" sh -c "[ ! -e '$STORE/.jobs/$machine' ]"
