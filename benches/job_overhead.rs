@@ -262,7 +262,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
             let args = Nspawn::boot(name, &overlay_root(&job_dir), BootRoot::Directory, false).bind(&cache);
             (args.private_users(base, false).into_args(), Some((store.snapshot.clone(), job_dir.clone(), base)))
         };
-        let plan = SpawnPlan { cgroups: cgroups.dirs.clone(), overlay };
+        let plan = SpawnPlan { gated: false, cgroups: cgroups.dirs.clone(), overlay };
         let (program, args) = (PathBuf::from(BIN), plan.argv("systemd-nspawn", &args));
         let socket_name = format!("nspawn-runner-bench/{}/{name}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();

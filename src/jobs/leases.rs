@@ -2,6 +2,8 @@
 
 use super::state::{JobState, Phase, StateDir};
 use crate::error::Result;
+use crate::names::JobId;
+use crate::store::busy;
 use crate::store::gc::{InUse, Leases};
 use crate::store::{Image, Store};
 use std::collections::HashSet;
@@ -48,17 +50,46 @@ pub fn reap_crashed(store: &Store, states: &StateDir) -> Result<Vec<String>> {
         // Lock it so a prepare or cleanup of the same job cannot start meanwhile.
         let Ok(Some(_lock)) = states.try_lock_job(&state.job_id) else { continue };
         let copy = state.machine.running.as_ref().and_then(|r| r.ephemeral.as_deref());
-        store.job_leftovers(&state.image, &state.snapshot, &state.job_id).delete(copy)?;
-        if let Some(running) = &state.machine.running {
-            crate::machine::cgroup::remove(&running.cgroups)?;
+        let leftovers = store.job_leftovers(&state.image, &state.snapshot, &state.job_id);
+        if let Some(user) = leftovers.user(copy) {
+            // Its record says dead, the kernel says otherwise: leave it to the job's cleanup.
+            log::warn!("gc: not reaping job {}: {user}", state.job_id);
+            claimed.insert(state.job_id.machine_name());
+            continue;
         }
+        leftovers.delete(copy)?;
+        let running = state.machine.running.as_ref().map(|r| r.cgroups.as_slice());
+        let booting = state.machine.booting.as_ref().map(|b| b.cgroups.as_slice());
+        crate::machine::cgroup::remove(running.or(booting).unwrap_or_default())?;
         states.remove(&state.job_id)?;
         states.remove_lock(&state.job_id)?;
         reaped.push(state.job_id.machine_name());
     }
+    let users = busy::Users::scan();
     for machine in store.job_dirs()? {
-        if !claimed.contains(&machine) && !reaped.contains(&machine) {
-            store.backend().delete(&store.job_dir(&machine))?;
+        if claimed.contains(&machine) || reaped.contains(&machine) {
+            continue;
+        }
+        // A prepare may have made it since the records were read: it holds the job's lock and
+        // has recorded the job before it made the directory.
+        let job = machine.strip_prefix("run-").and_then(|id| JobId::parse(id).ok());
+        let _lock = match &job {
+            Some(job) => match states.try_lock_job(job)? {
+                Some(lock) if states.load(job).ok().flatten().is_none() => Some(lock),
+                _ => continue,
+            },
+            None => None,
+        };
+        let dir = store.job_dir(&machine);
+        let user = busy::user_of(&dir, &users);
+        match &user {
+            Some(user) => log::warn!("gc: not deleting {}: {user}", dir.display()),
+            None => store.backend().delete(&dir)?,
+        }
+        if let Some(job) = &job {
+            states.remove_lock(job)?;
+        }
+        if user.is_none() {
             reaped.push(machine);
         }
     }

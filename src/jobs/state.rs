@@ -242,10 +242,10 @@ impl JobState {
         Ok(())
     }
 
-    /// True while the job may still use its snapshot: its machine runs, or prepare/cleanup
-    /// is working on it right now (`busy`).
+    /// True while the job may still use its snapshot: its machine runs or boots (also one whose
+    /// prepare was killed), or prepare/cleanup is working on it right now (`busy`).
     pub fn is_live(&self, busy: bool) -> bool {
-        busy || self.machine.is_up()
+        busy || self.machine.is_up() || self.machine.is_booting()
     }
 
     /// How the job stands, for `status`: the phase while a stage works on it (`busy`), else
@@ -259,6 +259,9 @@ impl JobState {
             } else {
                 "running"
             }
+        } else if self.machine.is_booting() {
+            // Nobody works on it, yet its nspawn runs: the prepare that started it was killed.
+            "abandoned"
         } else if self.machine.running.is_some() {
             "dead"
         } else {

@@ -242,9 +242,10 @@ pub fn join(dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Removes machine cgroups (and what the machine made below them), deepest first. Only
-/// directories named like ours on a cgroup file system are touched: the list may come from a
-/// state file.
+/// Removes machine cgroups (and what the machine made below them), deepest first, killing
+/// what still runs in them: once the machine's nspawn and init are gone, that is only what the
+/// machine left (a half-started child of a killed boot). Only directories named like ours on a
+/// cgroup file system are touched: the list may come from a state file.
 pub fn remove(dirs: &[PathBuf]) -> Result<()> {
     for dir in dirs {
         let ours = dir.starts_with(CGROUP_ROOT)
@@ -257,9 +258,30 @@ pub fn remove(dirs: &[PathBuf]) -> Result<()> {
             }
             continue;
         }
+        kill_all(dir);
         remove_tree(dir)?;
     }
     Ok(())
+}
+
+/// SIGKILLs every process in `dir` and below: `cgroup.kill` (v2, Linux 5.14) does it at once,
+/// race-free; elsewhere each listed process is killed.
+fn kill_all(dir: &Path) {
+    let kill_file = dir.join("cgroup.kill");
+    if kill_file.exists() && std::fs::write(&kill_file, "1").is_ok() {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_all(&entry.path());
+            }
+        }
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 fn is_cgroupfs(dir: &Path) -> bool {

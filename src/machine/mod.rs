@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use enter::{open_shell, run_script, ScriptOutcome};
-pub use running::{process_start_time, Machine, Running};
+pub use running::{process_start_time, Booting, Machine, Running};
 
 /// Everything needed to boot one job's machine.
 pub struct MachineSpec<'s> {
@@ -48,10 +48,16 @@ pub struct MachineSpec<'s> {
     pub stop_timeout: Duration,
 }
 
+/// Saves the job's record with the machine as far as it is known.
+pub type Save<'a> = dyn FnMut(&Machine) -> Result<()> + 'a;
+
 /// The two worlds a runner host can be: systemd as PID 1 or not.
 pub trait Host {
-    /// Boots the machine and returns once it is ready; the unit name if one was made.
-    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
+    /// Boots the machine and returns once it is ready, with `machine.running` set. Write-ahead:
+    /// whatever it is about to start (the unit, nspawn, cgroups) goes into `machine` and through
+    /// `save` before it may run, so that a stage killed at any instant (gitlab-runner's SIGKILL
+    /// of the stage's process group) leaves a record that cleanup can stop.
+    fn start(&self, spec: &MachineSpec, machine: &mut Machine, save: &mut Save) -> Result<()>;
     /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()>;
     /// Saves the seccomp filters of the ready machine's init at `path`, for `run_script`; the
@@ -106,16 +112,22 @@ fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
     }
 }
 
-/// The command that starts `spec`'s nspawn: this binary's spawn wrapper (which joins `cgroups`
-/// and mounts the idmapped overlay root if the job needs one) exec'ing systemd-nspawn.
-fn launch_command(spec: &MachineSpec, register: bool, cgroups: Vec<PathBuf>) -> Result<(PathBuf, Vec<String>)> {
+/// The command that starts `spec`'s nspawn: this binary's spawn wrapper (which waits for the go
+/// on its stdin if `gated`, joins `cgroups` and mounts the idmapped overlay root if the job
+/// needs one) exec'ing systemd-nspawn.
+fn launch_command(
+    spec: &MachineSpec,
+    register: bool,
+    cgroups: Vec<PathBuf>,
+    gated: bool,
+) -> Result<(PathBuf, Vec<String>)> {
     let overlay = match (spec.root, spec.uid_base, &spec.job_dir) {
         (JobRoot::Overlay, Some(base), Some(job_dir)) => Some((spec.tree.clone(), job_dir.clone(), base)),
         (JobRoot::Overlay, Some(_), None) => return Err(Error::new("an overlay job needs a job directory")),
         _ => None,
     };
     let exe = std::env::current_exe().context("locating this binary")?;
-    let plan = spawn::SpawnPlan { cgroups, overlay };
+    let plan = spawn::SpawnPlan { gated, cgroups, overlay };
     Ok((exe, plan.argv("systemd-nspawn", &nspawn_args(spec, register))))
 }
 

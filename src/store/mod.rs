@@ -1,6 +1,7 @@
 //! The image store: `ROOT/NAME/` with `<unix-time>_<pid>` snapshots and the `current` symlink.
 
 pub mod backend;
+pub mod busy;
 pub mod gc;
 pub mod transaction;
 
@@ -332,9 +333,21 @@ pub struct JobLeftovers<'s> {
 }
 
 impl JobLeftovers<'_> {
+    /// What still uses nspawn's copy `ephemeral` or the job's directory, if anything, as the
+    /// kernel tells (see `busy`): a live machine whatever its record says.
+    pub fn user(&self, ephemeral: Option<&Path>) -> Option<String> {
+        let users = busy::Users::scan();
+        let job_dir = self.store.job_dir(&self.job.machine_name());
+        let user = ephemeral
+            .into_iter()
+            .chain([job_dir.as_path()])
+            .find_map(|tree| busy::user_of(tree, &users).map(|user| format!("{}: {user}", tree.display())));
+        user
+    }
+
     /// Deletes the job's overlay directory and, if given, nspawn's copy `ephemeral`; what is
     /// already gone is fine. A copy that is not one of this job's snapshot in its image's
-    /// directory is refused and nothing is deleted.
+    /// directory is refused, and so is anything still in use; then nothing is deleted.
     pub fn delete(&self, ephemeral: Option<&Path>) -> Result<()> {
         if let Some(copy) = ephemeral {
             if !is_copy_of(copy, &self.store.root, &self.image, &self.snapshot) {
@@ -344,8 +357,13 @@ impl JobLeftovers<'_> {
                     self.image
                 )));
             }
+        }
+        if let Some(user) = self.user(ephemeral) {
+            return Err(Error::new(format!("refusing to delete what job {} left, still in use: {user}", self.job)));
+        }
+        if let Some(copy) = ephemeral {
             self.store.backend.delete(copy)?;
-            remove_if_present(&nspawn_lock_path(copy))?;
+            remove_if_present(&busy::nspawn_lock_path(copy))?;
         }
         self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
     }
@@ -362,12 +380,6 @@ pub fn is_copy_of(copy: &Path, root: &Path, image: &ImageName, snapshot: &Snapsh
     let prefix = format!("{EPHEMERAL_PREFIX}{snapshot}");
     let named = copy.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n != prefix);
     named && copy.parent() == Some(root.join(image.as_str()).as_path())
-}
-
-/// nspawn's lock file for the tree at `path` (`.#NAME.lck` beside it).
-fn nspawn_lock_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    path.with_file_name(format!(".#{name}.lck"))
 }
 
 /// Removes a file; one that is already gone is fine.
