@@ -253,7 +253,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
         // started like the plain host starts it: through the spawn wrapper, in a cgroup of its own
         // (a user-namespaced systemd needs one it may write), and on plain stores on the idmapped
         // overlay the wrapper mounts.
-        let cgroups = cgroup::create(name, &cgroup::Limits::default()).unwrap();
+        let cgroups = cgroup::create(name, &cgroup::Limits::default(), |_| Ok(())).unwrap();
         let (args, overlay) = if store.btrfs {
             let args = Nspawn::boot(name, &store.snapshot, BootRoot::Ephemeral, false).bind(&cache);
             (args.private_users(base, true).into_args(), None)

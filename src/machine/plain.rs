@@ -23,9 +23,11 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 impl Host for PlainHost {
     fn start(&self, spec: &MachineSpec, machine: &mut Machine, save: &mut Save) -> Result<()> {
         // Its own cgroup, so that its limits apply and no other machine shares (or sees) it.
-        let cgroups = cgroup::create(&spec.machine, &spec.limits)?;
-        machine.booting = Some(Booting { nspawn: None, cgroups: cgroups.dirs.clone() });
-        let started = save(machine).and_then(|()| start_in(spec, &cgroups, machine, save));
+        let cgroups = cgroup::create(&spec.machine, &spec.limits, |planned| {
+            machine.booting = Some(Booting { nspawn: None, cgroups: planned.dirs.clone() });
+            save(machine)
+        })?;
+        let started = start_in(spec, &cgroups, machine, save);
         if started.is_err() {
             if let Err(e) = cgroup::remove(&cgroups.dirs) {
                 log::warn!("{e}");
