@@ -43,8 +43,10 @@ fn machine_processes(machine: &str) -> Vec<(i32, u64)> {
     let option = format!("--machine={machine}");
     let nspawns: Vec<i32> =
         processes().into_iter().filter(|(_, argv)| argv.contains(&option)).map(|(pid, _)| pid).collect();
-    let all = nspawns.iter().copied().chain(nspawns.iter().flat_map(|p| children(*p)));
-    all.filter_map(|pid| Some((pid, start_time(pid)?))).collect()
+    let mut all: Vec<i32> = nspawns.iter().copied().chain(nspawns.iter().flat_map(|p| children(*p))).collect();
+    all.sort();
+    all.dedup();
+    all.into_iter().filter_map(|pid| Some((pid, start_time(pid)?))).collect()
 }
 
 /// The machine cgroup dirs a plain-host prepare of `machine` makes below the cgroups of this
@@ -115,12 +117,21 @@ fn prepare_killed_at_any_instant(kind: StoreKind) {
             killed_with_machine += 1;
         }
         if i % 2 == 1 {
-            // gc between the kill and the cleanup: what is up stays up, on its root.
+            // gc between the kill and the cleanup: what is up stays up, on its root. Every other
+            // time with the job's record hidden from it: gc then has only the kernel's word.
             let copies: Vec<String> =
                 env.entries(IMAGE).into_iter().filter(|n| n.starts_with(".#machine.")).collect();
             let job_dir = env.root.join(".jobs").join(&machine);
             let had_job_dir = job_dir.exists();
+            let record = env.state_dir.join(format!("{}.json", job.id));
+            let hidden = (i % 4 == 1).then(|| fs::read(&record).ok()).flatten();
+            if hidden.is_some() {
+                fs::remove_file(&record).unwrap();
+            }
             env.admin(&["image", "gc", IMAGE]).assert_ok();
+            if let Some(bytes) = &hidden {
+                fs::write(&record, bytes).unwrap();
+            }
             let alive: Vec<(i32, u64)> =
                 processes.iter().copied().filter(|(pid, start)| start_time(*pid) == Some(*start)).collect();
             if !alive.is_empty() {

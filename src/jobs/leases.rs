@@ -8,11 +8,19 @@ use crate::store::gc::{InUse, Leases};
 use crate::store::{Image, Store};
 use std::collections::HashSet;
 
+/// True while job `state` may still use what it holds: by its record (see `JobState::is_live`),
+/// or because its machine runs though the record says otherwise (`machines`, see
+/// `machine::machines_running`).
+fn is_live(state: &JobState, busy: bool, machines: &HashSet<String>) -> bool {
+    state.is_live(busy) || machines.contains(&state.machine.name)
+}
+
 /// What the live jobs among `states` hold in `image`.
 pub fn in_use(image: &Image, states: &[(JobState, bool)]) -> InUse {
     let mut in_use = InUse::default();
+    let machines = crate::machine::machines_running();
     for (state, busy) in states {
-        if state.store != image.store().root() || state.image != *image.name() || !state.is_live(*busy) {
+        if state.store != image.store().root() || state.image != *image.name() || !is_live(state, *busy, &machines) {
             continue;
         }
         in_use.leased.entry(state.snapshot.clone()).or_default().push(state.job_id.clone());
@@ -39,11 +47,12 @@ impl Leases for StateDir {
 pub fn reap_crashed(store: &Store, states: &StateDir) -> Result<Vec<String>> {
     let mut reaped = Vec::new();
     let mut claimed = HashSet::new();
+    let machines = crate::machine::machines_running();
     for (state, busy) in states.all()? {
         if state.store != store.root() {
             continue;
         }
-        if state.is_live(busy) {
+        if is_live(&state, busy, &machines) {
             claimed.insert(state.job_id.machine_name());
             continue;
         }

@@ -18,6 +18,7 @@ use crate::settings::{Settings, SystemdMode};
 use crate::store::backend::JobRoot;
 use crate::store::JobLeftovers;
 use nspawn::{Bind, BootRoot, Nspawn};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -144,6 +145,27 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         // Short: a machine usually goes within milliseconds, and cleanup's time is the job's.
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The machines some process on the host runs right now, whatever any record says: the
+/// `--machine=NAME` of every systemd-nspawn (and of the spawn wrapper about to become one).
+pub fn machines_running() -> HashSet<String> {
+    let mut names = HashSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return names };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let nspawn = args.first().is_some_and(|a| a.ends_with(b"systemd-nspawn"))
+            || args.get(1).is_some_and(|a| *a == spawn::SPAWN_ARG.as_bytes());
+        if nspawn {
+            let named = args.iter().filter_map(|a| a.strip_prefix(b"--machine="));
+            names.extend(named.map(|n| String::from_utf8_lossy(n).into_owned()));
+        }
+    }
+    names
 }
 
 /// The first child of `pid` (nspawn's only child is the machine's init).
