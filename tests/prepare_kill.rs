@@ -119,8 +119,7 @@ fn prepare_killed_at_any_instant(kind: StoreKind) {
         if i % 2 == 1 {
             // gc between the kill and the cleanup: what is up stays up, on its root. Every other
             // time with the job's record hidden from it: gc then has only the kernel's word.
-            let copies: Vec<String> =
-                env.entries(IMAGE).into_iter().filter(|n| n.starts_with(".#machine.")).collect();
+            let copies: Vec<String> = env.entries(IMAGE).into_iter().filter(|n| n.starts_with(".#machine.")).collect();
             let job_dir = env.root.join(".jobs").join(&machine);
             let had_job_dir = job_dir.exists();
             let record = env.state_dir.join(format!("{}.json", job.id));

@@ -134,7 +134,7 @@ impl StateDir {
     /// Writes the state atomically (temporary file + rename).
     pub fn save(&self, state: &JobState) -> Result<()> {
         let path = self.path(&state.job_id);
-        let temp = self.dir.join(format!(".{}.json.tmp", state.job_id));
+        let temp = self.temp_path(&state.job_id);
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::new(e.to_string()))?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -147,8 +147,15 @@ impl StateDir {
         std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Removes the job's state, log and seccomp files.
+    /// Where `save` writes the record before it renames it into place.
+    fn temp_path(&self, job: &JobId) -> PathBuf {
+        self.dir.join(format!(".{job}.json.tmp"))
+    }
+
+    /// Removes the job's state, log and seccomp files, and the half-written record a stage
+    /// killed while saving leaves.
     pub fn remove(&self, job: &JobId) -> Result<()> {
+        remove_if_present(&self.temp_path(job))?;
         remove_if_present(&self.path(job))?;
         remove_if_present(&self.seccomp_path(job))?;
         remove_if_present(&self.log_path(job))

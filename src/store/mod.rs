@@ -336,18 +336,24 @@ impl JobLeftovers<'_> {
     /// What still uses nspawn's copy `ephemeral` or the job's directory, if anything, as the
     /// kernel tells (see `busy`): a live machine whatever its record says.
     pub fn user(&self, ephemeral: Option<&Path>) -> Option<String> {
-        let users = busy::Users::scan();
+        self.user_in(ephemeral, &busy::Users::scan())
+    }
+
+    fn user_in(&self, ephemeral: Option<&Path>, users: &busy::Users) -> Option<String> {
         let job_dir = self.store.job_dir(&self.job.machine_name());
         let user = ephemeral
             .into_iter()
             .chain([job_dir.as_path()])
-            .find_map(|tree| busy::user_of(tree, &users).map(|user| format!("{}: {user}", tree.display())));
+            .find_map(|tree| busy::user_of(tree, users).map(|user| format!("{}: {user}", tree.display())));
         user
     }
 
-    /// Deletes the job's overlay directory and, if given, nspawn's copy `ephemeral`; what is
-    /// already gone is fine. A copy that is not one of this job's snapshot in its image's
-    /// directory is refused, and so is anything still in use; then nothing is deleted.
+    /// Deletes the job's overlay directory and nspawn's copy `ephemeral`; what is already gone
+    /// is fine. Without a recorded copy (a machine that never came up: its nspawn may have made
+    /// one and died without removing it) every copy of the job's snapshot that nothing uses
+    /// goes: nspawn locks a copy before it makes it, so a copy nothing uses is a dead machine's.
+    /// A copy that is not one of this job's snapshot in its image's directory is refused, and
+    /// so is anything still in use; then nothing is deleted.
     pub fn delete(&self, ephemeral: Option<&Path>) -> Result<()> {
         if let Some(copy) = ephemeral {
             if !is_copy_of(copy, &self.store.root, &self.image, &self.snapshot) {
@@ -358,14 +364,32 @@ impl JobLeftovers<'_> {
                 )));
             }
         }
-        if let Some(user) = self.user(ephemeral) {
+        let users = busy::Users::scan();
+        if let Some(user) = self.user_in(ephemeral, &users) {
             return Err(Error::new(format!("refusing to delete what job {} left, still in use: {user}", self.job)));
         }
-        if let Some(copy) = ephemeral {
-            self.store.backend.delete(copy)?;
-            remove_if_present(&busy::nspawn_lock_path(copy))?;
+        let copies = match ephemeral {
+            Some(copy) => vec![copy.to_path_buf()],
+            None => self.unused_copies(&users)?,
+        };
+        for copy in copies {
+            self.store.backend.delete(&copy)?;
+            remove_if_present(&busy::nspawn_lock_path(&copy))?;
         }
         self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
+    }
+
+    /// The copies of the job's snapshot in its image's directory that nothing uses.
+    fn unused_copies(&self, users: &busy::Users) -> Result<Vec<PathBuf>> {
+        let dir = self.store.root.join(self.image.as_str());
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let copies = read_dir(&dir)?
+            .map(|entry| entry.path())
+            .filter(|path| is_copy_of(path, &self.store.root, &self.image, &self.snapshot))
+            .filter(|path| busy::user_of(path, users).is_none());
+        Ok(copies.collect())
     }
 }
 
