@@ -246,6 +246,13 @@ impl JobState {
         if let Some(copy) = copy.filter(|c| !crate::store::is_copy_of(c, store, &self.image, &self.snapshot)) {
             return refuse(format!("it names {} as its machine's copy", copy.display()));
         }
+        // Cleanup kills what runs in them: only this machine's own will do.
+        let leaf = crate::machine::cgroup::leaf_name(&machine);
+        let running = self.machine.running.iter().flat_map(|r| &r.cgroups);
+        let booting = self.machine.booting.iter().flat_map(|b| &b.cgroups);
+        if let Some(dir) = running.chain(booting).find(|d| d.file_name() != Some(leaf.as_ref())) {
+            return refuse(format!("it names {} as its machine's cgroup", dir.display()));
+        }
         Ok(())
     }
 
@@ -327,6 +334,25 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_a_machine_left_booting_is_live_while_its_nspawn_runs() {
+        let mut state = record();
+        state.machine.running = None;
+        state.phase = Phase::Booting;
+        let me = std::process::id() as i32;
+        let start = crate::machine::process_start_time(me).unwrap();
+        let cgroups = vec!["/sys/fs/cgroup/nspawn-runner-run-42".into()];
+        state.machine.booting = Some(crate::machine::Booting { nspawn: Some((me, start)), cgroups });
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<JobState>(&json).unwrap(), state);
+        assert!(state.check(&JobId::parse("42").unwrap(), Path::new("/var/lib/nspawn-runner")).is_ok());
+        assert!(state.is_live(false) && !state.machine.is_up());
+        assert_eq!(state.condition(false), "abandoned");
+        state.machine.booting = Some(crate::machine::Booting { nspawn: Some((me, start + 1)), cgroups: vec![] });
+        assert!(!state.is_live(false), "a reused pid is not the machine's nspawn");
+        assert_eq!(state.condition(false), "crashed");
+    }
+
+    #[test]
     fn state_files_of_the_previous_version_still_load() {
         let old = r#"{"job_id":"42","machine":"run-42","store":"/s","image":"bookworm","snapshot":"1_2",
             "job_dir":null,"unit":null,"running":null}"#;
@@ -353,13 +379,18 @@ mod tests {
     fn a_record_naming_another_store_machine_unit_or_directory_is_refused() {
         let (job, store) = (JobId::parse("42").unwrap(), Path::new("/var/lib/nspawn-runner"));
         assert!(record().check(&job, store).is_ok());
-        let forged: [fn(&mut JobState); 6] = [
+        let forged: [fn(&mut JobState); 8] = [
             |s| s.store = "/".into(),
             |s| s.job_dir = Some("/etc".into()),
             |s| s.machine.name = "../x".into(),
             |s| s.machine.unit = Some("sshd.service".into()),
             |s| s.machine.running.as_mut().unwrap().ephemeral = Some("/etc".into()),
             |s| s.job_id = JobId::parse("43").unwrap(),
+            |s| s.machine.running.as_mut().unwrap().cgroups = vec!["/sys/fs/cgroup/nspawn-runner-run-43".into()],
+            |s| {
+                let cgroups = vec!["/sys/fs/cgroup/system.slice".into()];
+                s.machine.booting = Some(crate::machine::Booting { nspawn: None, cgroups });
+            },
         ];
         for forge in forged {
             let mut state = record();

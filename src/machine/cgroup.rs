@@ -40,7 +40,7 @@ fn layout() -> Layout {
 }
 
 /// The cgroup name of `machine` (below nspawn-runner's own cgroup in each hierarchy).
-fn leaf_name(machine: &str) -> String {
+pub fn leaf_name(machine: &str) -> String {
     format!("nspawn-runner-{machine}")
 }
 

@@ -101,7 +101,7 @@ impl Store {
     /// an overlay upper dir whose owner and mode are those of `tree`'s root: overlayfs shows
     /// the upper dir's attributes as the machine's `/`, and a 0700 root locks out every
     /// service that does not run as root.
-    pub fn create_job_dir(&self, machine: &str, tree: &Path) -> Result<PathBuf> {
+    pub fn create_job_dir(&self, machine: &str, tree: &Path) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         let dir = self.job_dir(machine);
         self.backend.delete(&dir)?;
@@ -116,8 +116,7 @@ impl Store {
         std::os::unix::fs::chown(&upper, Some(root.uid()), Some(root.gid()))
             .with_context(|| format!("chown {}", upper.display()))?;
         std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(root.mode() & 0o7777))
-            .with_context(|| format!("chmod {}", upper.display()))?;
-        Ok(dir)
+            .with_context(|| format!("chmod {}", upper.display()))
     }
 
     /// Where job `job` on snapshot `snapshot` of `image` may have left things.
