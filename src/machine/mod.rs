@@ -149,11 +149,16 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// The machines some process on the host runs right now, whatever any record says: the
 /// `--machine=NAME` of every systemd-nspawn (and of the spawn wrapper about to become one).
+/// Processes inside machines do not count: a job could name any machine in its arguments.
 pub fn machines_running() -> HashSet<String> {
+    use std::os::unix::fs::MetadataExt;
+    let root_of = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    let host_root = root_of(Path::new("/"));
     let mut names = HashSet::new();
     let Ok(entries) = std::fs::read_dir("/proc") else { return names };
     for entry in entries.filter_map(|e| e.ok()) {
-        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        let is_pid = entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit());
+        if !is_pid || root_of(&entry.path().join("root")) != host_root {
             continue;
         }
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };

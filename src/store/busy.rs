@@ -1,6 +1,7 @@
 //! Whether a tree of the store is in use on this host, asked of the kernel rather than of any
-//! record: a lock nspawn holds beside it, a process whose root it is or whose arguments name
-//! it, a mount on or below it or built on it (overlay layers), in any mount namespace.
+//! record: a lock nspawn holds beside it, a process whose root it is, or, of the processes
+//! outside job machines (nspawn, the tools of the host), one whose arguments name it or whose
+//! mount namespace has a mount on or below it or built on it (overlay layers).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
@@ -12,18 +13,20 @@ use std::path::{Path, PathBuf};
 pub struct Users {
     /// (device, inode) of the processes' root directories, with one pid each.
     roots: HashMap<(u64, u64), i32>,
-    /// Every process's arguments, with its pid.
+    /// The arguments of every process whose root is the host's, with its pid.
     args: Vec<(i32, String)>,
-    /// Mount points of the mount namespaces of processes whose root is the host's (elsewhere
-    /// they are relative to another root).
+    /// Mount points, in the mount namespaces of processes whose root is the host's.
     mount_points: Vec<String>,
-    /// The super options of every mount in every mount namespace: overlayfs names its layers
-    /// there (`lowerdir=`, `upperdir=`, `workdir=`) with the paths the mounter gave.
+    /// The super options of the mounts there: overlayfs names its layers in them (`lowerdir=`,
+    /// `upperdir=`, `workdir=`) with the paths the mounter gave.
     mount_options: Vec<String>,
 }
 
 impl Users {
-    /// Looks at every process of the host (gone ones are skipped).
+    /// Looks at every process of the host (gone ones are skipped). Only processes whose root is
+    /// the host's count with their arguments and mounts: those of a job's machine are the job's
+    /// to choose, and a hostile job must not keep another job's trees from being deleted by
+    /// naming them. A machine counts by its root, and by the arguments and mounts of its nspawn.
     pub fn scan() -> Users {
         let mut users = Users::default();
         let host_root = std::fs::metadata("/").map(|m| (m.dev(), m.ino())).ok();
@@ -35,26 +38,22 @@ impl Users {
             let Ok(root) = std::fs::metadata(proc.join("root")) else { continue };
             let root = (root.dev(), root.ino());
             users.roots.entry(root).or_insert(pid);
+            if Some(root) != host_root {
+                continue;
+            }
             if let Ok(cmdline) = std::fs::read(proc.join("cmdline")) {
                 let args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
                 users.args.extend(args.map(|a| (pid, String::from_utf8_lossy(a).into_owned())));
             }
-            let host_rooted = Some(root) == host_root;
             let Ok(namespace) = std::fs::metadata(proc.join("ns/mnt")) else { continue };
-            if !namespaces_seen.insert((namespace.ino(), host_rooted)) {
+            if !namespaces_seen.insert(namespace.ino()) {
                 continue;
             }
             let Ok(mountinfo) = std::fs::read_to_string(proc.join("mountinfo")) else { continue };
             for line in mountinfo.lines() {
                 let Some((before, after)) = line.split_once(" - ") else { continue };
-                if host_rooted {
-                    if let Some(point) = before.split(' ').nth(4) {
-                        users.mount_points.push(unescape(point));
-                    }
-                }
-                if let Some(options) = after.split(' ').nth(2) {
-                    users.mount_options.push(unescape(options));
-                }
+                users.mount_points.extend(before.split(' ').nth(4).map(unescape));
+                users.mount_options.extend(after.split(' ').nth(2).map(unescape));
             }
         }
         users
