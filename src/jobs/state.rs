@@ -152,10 +152,11 @@ impl StateDir {
         self.dir.join(format!(".{job}.json.tmp"))
     }
 
-    /// Removes the job's state, log and seccomp files, and the half-written record a stage
-    /// killed while saving leaves.
+    /// Removes the job's state, log and seccomp files, and the half-written ones a stage killed
+    /// while saving leaves.
     pub fn remove(&self, job: &JobId) -> Result<()> {
         remove_if_present(&self.temp_path(job))?;
+        remove_if_present(&crate::machine::seccomp_temp_path(&self.seccomp_path(job)))?;
         remove_if_present(&self.path(job))?;
         remove_if_present(&self.seccomp_path(job))?;
         remove_if_present(&self.log_path(job))

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use enter::{open_shell, run_script, ScriptOutcome};
 pub use running::{process_start_time, Booting, Machine, Running};
+pub use seccomp::temp_path as seccomp_temp_path;
 
 /// Everything needed to boot one job's machine.
 pub struct MachineSpec<'s> {

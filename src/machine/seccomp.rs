@@ -4,7 +4,7 @@
 use crate::error::{Context, Error, Result};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// PTRACE_SECCOMP_GET_FILTER (linux/ptrace.h); not in the libc crate.
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
@@ -83,7 +83,7 @@ impl Filters {
         Ok(Filters(filters))
     }
 
-    /// Writes them to `path` (mode 0600, replaced atomically).
+    /// Writes them to `path` (mode 0600, replaced atomically through `temp_path`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::new();
         for program in &self.0 {
@@ -94,7 +94,7 @@ impl Filters {
                 bytes.extend_from_slice(&insn.k.to_ne_bytes());
             }
         }
-        let temp = path.with_extension("seccomp.tmp");
+        let temp = temp_path(path);
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -153,6 +153,11 @@ impl Filters {
         }
         Ok(())
     }
+}
+
+/// Where `Filters::save` writes before it renames into `path` (a stage killed meanwhile leaves it).
+pub fn temp_path(path: &Path) -> PathBuf {
+    path.with_extension("seccomp.tmp")
 }
 
 #[cfg(test)]

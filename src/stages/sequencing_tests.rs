@@ -340,6 +340,9 @@ fn the_record_names_nspawn_before_the_machine_is_ready_so_a_killed_prepare_is_cl
         std::fs::create_dir_all(world.dir.join("root/.jobs/run-1/upper")).unwrap();
         std::fs::write(world.ctx.states.path(&world.ctx.job), &ahead).unwrap();
         std::fs::write(world.ctx.states.log_path(&world.ctx.job), "console output").unwrap();
+        // Killed while saving a record or the seccomp filters: their temporary files.
+        std::fs::write(world.dir.join("state/.1.json.tmp"), "{half a rec").unwrap();
+        std::fs::write(world.dir.join("state/1.seccomp.tmp"), "half a filter").unwrap();
         world.cleanup().unwrap();
         assert_eq!(world.calls(), ["stop run-1 (booting)", "delete run-1"]);
         world.assert_nothing_left();
