@@ -253,7 +253,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
         // started like the plain host starts it: through the spawn wrapper, in a cgroup of its own
         // (a user-namespaced systemd needs one it may write), and on plain stores on the idmapped
         // overlay the wrapper mounts.
-        let cgroups = cgroup::create(name, &cgroup::Limits::default()).unwrap();
+        let cgroups = cgroup::create(name, &cgroup::Limits::default(), |_| Ok(())).unwrap();
         let (args, overlay) = if store.btrfs {
             let args = Nspawn::boot(name, &store.snapshot, BootRoot::Ephemeral, false).bind(&cache);
             (args.private_users(base, true).into_args(), None)
@@ -262,7 +262,7 @@ fn floor_job(env: &Env, store: &Store, name: &str, children: &std::sync::Mutex<V
             let args = Nspawn::boot(name, &overlay_root(&job_dir), BootRoot::Directory, false).bind(&cache);
             (args.private_users(base, false).into_args(), Some((store.snapshot.clone(), job_dir.clone(), base)))
         };
-        let plan = SpawnPlan { cgroups: cgroups.dirs.clone(), overlay };
+        let plan = SpawnPlan { gated: false, cgroups: cgroups.dirs.clone(), overlay };
         let (program, args) = (PathBuf::from(BIN), plan.argv("systemd-nspawn", &args));
         let socket_name = format!("nspawn-runner-bench/{}/{name}", std::process::id());
         let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(socket_name.as_bytes()).unwrap()).unwrap();

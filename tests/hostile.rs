@@ -18,6 +18,7 @@ both_stores! {
     longest_valid_job_id;
     hostile_current_links;
     hostile_admin_names;
+    a_job_naming_another_jobs_trees_cannot_keep_them;
 }
 
 /// Everything a bad call could touch: the test's store dir and its state dir / work dir (minus the job
@@ -213,4 +214,59 @@ fn hostile_admin_names(kind: StoreKind) {
     assert_eq!(env.current(IMAGE).as_deref(), Some(snap.as_str()));
     assert!(Path::new(&env.image_dir(IMAGE).join(&snap)).join("usr/lib/systemd/systemd").exists());
     assert_store_idle(&env);
+}
+
+/// gc and cleanup ask the kernel whether a tree is still in use, but a job's own processes have no
+/// say: job A running processes whose arguments name job B's trees and machine
+/// (`--machine=run-B`) neither keeps B's cleanup from deleting them nor makes gc think B lives.
+fn a_job_naming_another_jobs_trees_cannot_keep_them(kind: StoreKind) {
+    let Some(env) = TestEnv::new(kind, "hostnames") else { return };
+    let (a, b) = (env.job(), env.job());
+    for job in [&a, &b] {
+        job.config().assert_ok();
+        job.prepare().assert_ok();
+    }
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(env.state_dir.join(format!("{}.json", b.id))).unwrap()).unwrap();
+    let job_dir = env.root.join(".jobs").join(b.machine());
+    let trees: Vec<String> = [record["running"]["ephemeral"].as_str().map(str::to_owned)]
+        .into_iter()
+        .flatten()
+        .chain([job_dir.join("upper").display().to_string(), job_dir.display().to_string()])
+        .collect();
+    // Processes that outlive the stage, named like B's trees and machine.
+    let mut cmds = Vec::new();
+    for tree in &trees {
+        cmds.push(format!(
+            "setsid bash -c 'sleep 600; :' {} --machine={} </dev/null >/dev/null 2>&1 &",
+            ansi_c_quote(tree),
+            b.machine()
+        ));
+    }
+    a.run("build_script", &a.get_sources_body(&cmds.join("\n"))).assert_ok();
+    let named = || processes().into_iter().filter(|(_, argv)| argv.iter().any(|arg| trees.contains(arg))).count();
+    // setsid forks: the stage may end before the last of them runs bash.
+    assert!(wait_until(CMD_TIMEOUT, || named() == trees.len()), "the job's processes naming B's trees do not run");
+    b.cleanup().assert_ok();
+    assert_nothing_left_of_job(&env, &b);
+    env.admin(&["image", "gc", IMAGE]).assert_ok();
+    a.cleanup().assert_ok();
+    assert_nothing_left(&env, &a.id);
+}
+
+/// Nothing of `job` is left, while other jobs may still run.
+#[track_caller]
+fn assert_nothing_left_of_job(env: &TestEnv, job: &Job) {
+    assert_eq!(nspawn_pids(&job.machine()), Vec::<i32>::new(), "B's machine still runs");
+    let job_dir = env.root.join(".jobs").join(job.machine());
+    assert!(!job_dir.exists(), "{} left", job_dir.display());
+    let left: Vec<String> = fs::read_dir(&env.state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{}.", job.id)) || n.starts_with(&format!(".{}.", job.id)))
+        .collect();
+    assert!(left.is_empty(), "state files of job {} left: {left:?}", job.id);
+    let copies: Vec<String> = env.entries(IMAGE).into_iter().filter(|n| n.starts_with(".#machine.")).collect();
+    assert!(copies.len() <= 1, "B's copy is left beside A's: {copies:?}");
 }

@@ -55,7 +55,8 @@ fn subvolumes_below(env: &TestEnv, dir: &Path) -> Vec<String> {
 
 /// After gc: ROOT/NAME holds `current`, lock files (`.lock`; the binary also keeps a `.pin.lock`), the
 /// current snapshot and at most `keep` more snapshots (plus `leased` ones), nothing else (no .tx-*, no
-/// orphans; no .#machine.* unless `jobs_running`), and on btrfs no subvolume besides those snapshots.
+/// orphans; no .#machine.* and their held nspawn locks unless `jobs_running`), and on btrfs no
+/// subvolume besides those snapshots.
 #[track_caller]
 fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: bool) {
     let cur = env.current(IMAGE).expect("a valid current");
@@ -65,7 +66,9 @@ fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: 
             && e.ends_with(".lock")
             && fs::symlink_metadata(env.image_dir(IMAGE).join(e)).map(|m| m.is_file()).unwrap_or(false)
     };
-    let is_machine = |e: &str| jobs_running && e.starts_with(".#machine.");
+    // A running machine's copy, and the lock file beside it that its nspawn holds.
+    let is_machine =
+        |e: &str| jobs_running && (e.starts_with(".#machine.") || e.starts_with(".#.#machine.") && e.ends_with(".lck"));
     for e in &entries {
         assert!(
             e == "current" || is_lock(e) || is_machine(e) || is_snapshot_name(e),

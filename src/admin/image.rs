@@ -284,6 +284,9 @@ fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     for job in crate::stages::cleanup::stop_expired_kept(settings, host.as_ref(), &store)? {
         println!("stopped the kept machine of failed job {job}");
     }
+    // After a reboot the state dir (on /run) is gone while the store may still hold job dirs of
+    // crashed jobs, which reaping locks by job id in the state dir.
+    settings.ensure_state_dir()?;
     for machine in leases::reap_crashed(&store, &states)? {
         println!("reaped leftovers of {machine}");
     }

@@ -135,13 +135,21 @@ impl StateDir {
 
     /// Writes the state atomically (temporary file + rename); a failed write leaves nothing.
     pub fn save(&self, state: &JobState) -> Result<()> {
-        let temp = self.dir.join(format!(".{}.json.tmp", state.job_id));
+        let temp = self.temp_path(&state.job_id);
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::new(e.to_string()))?;
         write_atomically(&self.path(&state.job_id), &temp, &json)
     }
 
-    /// Removes the job's state, log and seccomp files.
+    /// Where `save` writes the record before it renames it into place.
+    fn temp_path(&self, job: &JobId) -> PathBuf {
+        self.dir.join(format!(".{job}.json.tmp"))
+    }
+
+    /// Removes the job's state, log and seccomp files, and the half-written ones a stage killed
+    /// while saving leaves.
     pub fn remove(&self, job: &JobId) -> Result<()> {
+        remove_if_present(&self.temp_path(job))?;
+        remove_if_present(&crate::machine::seccomp_temp_path(&self.seccomp_path(job)))?;
         remove_if_present(&self.path(job))?;
         remove_if_present(&self.seccomp_path(job))?;
         remove_if_present(&self.log_path(job))
@@ -233,13 +241,20 @@ impl JobState {
         if let Some(copy) = copy.filter(|c| !crate::store::is_copy_of(c, store, &self.image, &self.snapshot)) {
             return refuse(format!("it names {} as its machine's copy", copy.display()));
         }
+        // Cleanup kills what runs in them: only this machine's own will do.
+        let leaf = crate::machine::cgroup::leaf_name(&machine);
+        let running = self.machine.running.iter().flat_map(|r| &r.cgroups);
+        let booting = self.machine.booting.iter().flat_map(|b| &b.cgroups);
+        if let Some(dir) = running.chain(booting).find(|d| d.file_name() != Some(leaf.as_ref())) {
+            return refuse(format!("it names {} as its machine's cgroup", dir.display()));
+        }
         Ok(())
     }
 
-    /// True while the job may still use its snapshot: its machine runs, or prepare/cleanup
-    /// is working on it right now (`busy`).
+    /// True while the job may still use its snapshot: its machine runs or boots (also one whose
+    /// prepare was killed), or prepare/cleanup is working on it right now (`busy`).
     pub fn is_live(&self, busy: bool) -> bool {
-        busy || self.machine.is_up()
+        busy || self.machine.is_up() || self.machine.is_booting()
     }
 
     /// How the job stands, for `status`: the phase while a stage works on it (`busy`), else
@@ -253,6 +268,9 @@ impl JobState {
             } else {
                 "running"
             }
+        } else if self.machine.is_booting() {
+            // Nobody works on it, yet its nspawn runs: the prepare that started it was killed.
+            "abandoned"
         } else if self.machine.running.is_some() {
             "dead"
         } else {
@@ -325,6 +343,25 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_a_machine_left_booting_is_live_while_its_nspawn_runs() {
+        let mut state = record();
+        state.machine.running = None;
+        state.phase = Phase::Booting;
+        let me = std::process::id() as i32;
+        let start = crate::machine::process_start_time(me).unwrap();
+        let cgroups = vec!["/sys/fs/cgroup/nspawn-runner-run-42".into()];
+        state.machine.booting = Some(crate::machine::Booting { nspawn: Some((me, start)), cgroups });
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<JobState>(&json).unwrap(), state);
+        assert!(state.check(&JobId::parse("42").unwrap(), Path::new("/var/lib/nspawn-runner")).is_ok());
+        assert!(state.is_live(false) && !state.machine.is_up());
+        assert_eq!(state.condition(false), "abandoned");
+        state.machine.booting = Some(crate::machine::Booting { nspawn: Some((me, start + 1)), cgroups: vec![] });
+        assert!(!state.is_live(false), "a reused pid is not the machine's nspawn");
+        assert_eq!(state.condition(false), "crashed");
+    }
+
+    #[test]
     fn state_files_of_the_previous_version_still_load() {
         let old = r#"{"job_id":"42","machine":"run-42","store":"/s","image":"bookworm","snapshot":"1_2",
             "job_dir":null,"unit":null,"running":null}"#;
@@ -368,13 +405,18 @@ mod tests {
     fn a_record_naming_another_store_machine_unit_or_directory_is_refused() {
         let (job, store) = (JobId::parse("42").unwrap(), Path::new("/var/lib/nspawn-runner"));
         assert!(record().check(&job, store).is_ok());
-        let forged: [fn(&mut JobState); 6] = [
+        let forged: [fn(&mut JobState); 8] = [
             |s| s.store = "/".into(),
             |s| s.job_dir = Some("/etc".into()),
             |s| s.machine.name = "../x".into(),
             |s| s.machine.unit = Some("sshd.service".into()),
             |s| s.machine.running.as_mut().unwrap().ephemeral = Some("/etc".into()),
             |s| s.job_id = JobId::parse("43").unwrap(),
+            |s| s.machine.running.as_mut().unwrap().cgroups = vec!["/sys/fs/cgroup/nspawn-runner-run-43".into()],
+            |s| {
+                let cgroups = vec!["/sys/fs/cgroup/system.slice".into()];
+                s.machine.booting = Some(crate::machine::Booting { nspawn: None, cgroups });
+            },
         ];
         for forge in forged {
             let mut state = record();

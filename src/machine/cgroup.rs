@@ -40,7 +40,7 @@ fn layout() -> Layout {
 }
 
 /// The cgroup name of `machine` (below nspawn-runner's own cgroup in each hierarchy).
-fn leaf_name(machine: &str) -> String {
+pub fn leaf_name(machine: &str) -> String {
     format!("nspawn-runner-{machine}")
 }
 
@@ -138,55 +138,66 @@ pub struct MachineCgroups {
 }
 
 /// Makes `machine`'s cgroups and applies `limits`; a limit the host cannot apply is an error
-/// (and nothing is left behind).
-pub fn create(machine: &str, limits: &Limits) -> Result<MachineCgroups> {
+/// (and nothing is left behind). `record` gets their paths before the first one is made
+/// (write-ahead: a stage killed meanwhile leaves a record naming them), and may refuse.
+pub fn create(
+    machine: &str,
+    limits: &Limits,
+    record: impl FnOnce(&MachineCgroups) -> Result<()>,
+) -> Result<MachineCgroups> {
     let layout = layout();
     let wanted = settings(limits, layout)?;
     let leaf = leaf_name(machine);
     let root = Path::new(CGROUP_ROOT);
-    let mut made = MachineCgroups { dirs: Vec::new(), main: String::new() };
-    let result = (|| {
-        match layout {
-            Layout::Unified => {
-                let parent = below(root, &own_path("")?)?;
-                made.main = format!("{}/{leaf}", own_path("")?.trim_end_matches('/'));
-                let dir = make_dir(&parent.join(&leaf))?;
-                made.dirs.push(dir.clone());
-                let mut controllers: Vec<&str> = wanted.iter().map(|s| s.controller).collect();
-                controllers.dedup();
-                for controller in controllers {
-                    enable_controller(&parent, controller)?;
-                }
-                for setting in &wanted {
-                    write_setting(&dir, setting)?;
-                }
+    // Every directory, and where each limit goes, before anything is made.
+    let mut planned = MachineCgroups { dirs: Vec::new(), main: String::new() };
+    let mut placed = Vec::new();
+    match layout {
+        Layout::Unified => {
+            planned.main = format!("{}/{leaf}", own_path("")?.trim_end_matches('/'));
+            let dir = below(root, &own_path("")?)?.join(&leaf);
+            placed.extend(wanted.iter().map(|setting| (dir.clone(), setting)));
+            planned.dirs.push(dir);
+        }
+        Layout::Hybrid => {
+            let main = own_path("name=systemd")?;
+            planned.main = format!("{}/{leaf}", main.trim_end_matches('/'));
+            planned.dirs.push(below(&root.join("systemd"), &main)?.join(&leaf));
+            if root.join("unified/cgroup.procs").exists() {
+                planned.dirs.push(below(&root.join("unified"), &own_path("")?)?.join(&leaf));
             }
-            Layout::Hybrid => {
-                let main = own_path("name=systemd")?;
-                made.main = format!("{}/{leaf}", main.trim_end_matches('/'));
-                made.dirs.push(make_dir(&below(&root.join("systemd"), &main)?.join(&leaf))?);
-                if root.join("unified/cgroup.procs").exists() {
-                    made.dirs.push(make_dir(&below(&root.join("unified"), &own_path("")?)?.join(&leaf))?);
+            for setting in &wanted {
+                let mount = root.join(setting.controller);
+                if !mount.join("cgroup.procs").exists() {
+                    return Err(no_controller(setting.controller));
                 }
-                for setting in &wanted {
-                    let mount = root.join(setting.controller);
-                    if !mount.join("cgroup.procs").exists() {
-                        return Err(no_controller(setting.controller));
-                    }
-                    let dir = below(&mount, &own_path(setting.controller)?)?.join(&leaf);
-                    if !made.dirs.contains(&dir) {
-                        made.dirs.push(make_dir(&dir)?);
-                    }
-                    write_setting(&dir, setting)?;
+                let dir = below(&mount, &own_path(setting.controller)?)?.join(&leaf);
+                if !planned.dirs.contains(&dir) {
+                    planned.dirs.push(dir.clone());
                 }
+                placed.push((dir, setting));
             }
         }
-        Ok(())
+    }
+    record(&planned)?;
+    let made = (|| {
+        for dir in &planned.dirs {
+            make_dir(dir)?;
+        }
+        if layout == Layout::Unified {
+            let mut controllers: Vec<&str> = wanted.iter().map(|s| s.controller).collect();
+            controllers.dedup();
+            let parent = planned.dirs.first().and_then(|d| d.parent()).unwrap_or(root);
+            for controller in controllers {
+                enable_controller(parent, controller)?;
+            }
+        }
+        placed.iter().try_for_each(|(dir, setting)| write_setting(dir, setting))
     })();
-    match result {
-        Ok(()) => Ok(made),
+    match made {
+        Ok(()) => Ok(planned),
         Err(e) => {
-            let _ = remove(&made.dirs);
+            let _ = remove(&planned.dirs);
             Err(e)
         }
     }
@@ -242,9 +253,10 @@ pub fn join(dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Removes machine cgroups (and what the machine made below them), deepest first. Only
-/// directories named like ours on a cgroup file system are touched: the list may come from a
-/// state file.
+/// Removes machine cgroups (and what the machine made below them), deepest first, killing
+/// what still runs in them: once the machine's nspawn and init are gone, that is only what the
+/// machine left (a half-started child of a killed boot). Only directories named like ours on a
+/// cgroup file system are touched: the list may come from a state file.
 pub fn remove(dirs: &[PathBuf]) -> Result<()> {
     for dir in dirs {
         let ours = dir.starts_with(CGROUP_ROOT)
@@ -257,9 +269,30 @@ pub fn remove(dirs: &[PathBuf]) -> Result<()> {
             }
             continue;
         }
+        kill_all(dir);
         remove_tree(dir)?;
     }
     Ok(())
+}
+
+/// SIGKILLs every process in `dir` and below: `cgroup.kill` (v2, Linux 5.14) does it at once,
+/// race-free; elsewhere each listed process is killed.
+fn kill_all(dir: &Path) {
+    let kill_file = dir.join("cgroup.kill");
+    if kill_file.exists() && std::fs::write(&kill_file, "1").is_ok() {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_all(&entry.path());
+            }
+        }
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 fn is_cgroupfs(dir: &Path) -> bool {

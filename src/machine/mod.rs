@@ -19,12 +19,14 @@ use crate::settings::{Settings, SystemdMode};
 use crate::store::backend::JobRoot;
 use crate::store::JobLeftovers;
 use nspawn::{Bind, BootRoot, Nspawn};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use enter::{open_shell, run_script, ScriptOutcome};
-pub use running::{process_start_time, Machine, Running};
+pub use running::{process_start_time, Booting, Machine, Running};
 pub use script_cgroup::end_leftover_scripts;
+pub use seccomp::temp_path as seccomp_temp_path;
 
 /// Everything needed to boot one job's machine.
 pub struct MachineSpec<'s> {
@@ -50,10 +52,16 @@ pub struct MachineSpec<'s> {
     pub stop_timeout: Duration,
 }
 
+/// Saves the job's record with the machine as far as it is known.
+pub type Save<'a> = dyn FnMut(&Machine) -> Result<()> + 'a;
+
 /// The two worlds a runner host can be: systemd as PID 1 or not.
 pub trait Host {
-    /// Boots the machine and returns once it is ready; the unit name if one was made.
-    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)>;
+    /// Boots the machine and returns once it is ready, with `machine.running` set. Write-ahead:
+    /// whatever it is about to start (the unit, nspawn, cgroups) goes into `machine` and through
+    /// `save` before it may run, so that a stage killed at any instant (gitlab-runner's SIGKILL
+    /// of the stage's process group) leaves a record that cleanup can stop.
+    fn start(&self, spec: &MachineSpec, machine: &mut Machine, save: &mut Save) -> Result<()>;
     /// Stops the machine (gracefully, then by force after `timeout`); fine if it is gone.
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()>;
     /// Saves the seccomp filters of the ready machine's init at `path`, for `run_script`; the
@@ -108,16 +116,22 @@ fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
     }
 }
 
-/// The command that starts `spec`'s nspawn: this binary's spawn wrapper (which joins `cgroups`
-/// and mounts the idmapped overlay root if the job needs one) exec'ing systemd-nspawn.
-fn launch_command(spec: &MachineSpec, register: bool, cgroups: Vec<PathBuf>) -> Result<(PathBuf, Vec<String>)> {
+/// The command that starts `spec`'s nspawn: this binary's spawn wrapper (which waits for the go
+/// on its stdin if `gated`, joins `cgroups` and mounts the idmapped overlay root if the job
+/// needs one) exec'ing systemd-nspawn.
+fn launch_command(
+    spec: &MachineSpec,
+    register: bool,
+    cgroups: Vec<PathBuf>,
+    gated: bool,
+) -> Result<(PathBuf, Vec<String>)> {
     let overlay = match (spec.root, spec.uid_base, &spec.job_dir) {
         (JobRoot::Overlay, Some(base), Some(job_dir)) => Some((spec.tree.clone(), job_dir.clone(), base)),
         (JobRoot::Overlay, Some(_), None) => return Err(Error::new("an overlay job needs a job directory")),
         _ => None,
     };
     let exe = std::env::current_exe().context("locating this binary")?;
-    let plan = spawn::SpawnPlan { cgroups, overlay };
+    let plan = spawn::SpawnPlan { gated, cgroups, overlay };
     Ok((exe, plan.argv("systemd-nspawn", &nspawn_args(spec, register))))
 }
 
@@ -134,6 +148,32 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         // Short: a machine usually goes within milliseconds, and cleanup's time is the job's.
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The machines some process on the host runs right now, whatever any record says: the
+/// `--machine=NAME` of every systemd-nspawn (and of the spawn wrapper about to become one).
+/// Processes inside machines do not count: a job could name any machine in its arguments.
+pub fn machines_running() -> HashSet<String> {
+    use std::os::unix::fs::MetadataExt;
+    let root_of = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    let host_root = root_of(Path::new("/"));
+    let mut names = HashSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return names };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let is_pid = entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit());
+        if !is_pid || root_of(&entry.path().join("root")) != host_root {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let nspawn = args.first().is_some_and(|a| a.ends_with(b"systemd-nspawn"))
+            || args.get(1).is_some_and(|a| *a == spawn::SPAWN_ARG.as_bytes());
+        if nspawn {
+            let named = args.iter().filter_map(|a| a.strip_prefix(b"--machine="));
+            names.extend(named.map(|n| String::from_utf8_lossy(n).into_owned()));
+        }
+    }
+    names
 }
 
 /// The first child of `pid` (nspawn's only child is the machine's init).

@@ -2,13 +2,14 @@
 
 use super::notify::NotifySocket;
 use super::{
-    cgroup, describe_running, find_ephemeral_copy, first_child, launch_command, wait_until, Host, Machine, MachineSpec,
-    Running, SAFE_PATH,
+    cgroup, describe_running, find_ephemeral_copy, first_child, launch_command, process_start_time, spawn, wait_until,
+    Booting, Host, Machine, MachineSpec, Running, Save, SAFE_PATH,
 };
 use crate::error::{Context, Error, Result};
 use crate::store::backend::JobRoot;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -20,10 +21,13 @@ pub struct PlainHost;
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
 impl Host for PlainHost {
-    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
+    fn start(&self, spec: &MachineSpec, machine: &mut Machine, save: &mut Save) -> Result<()> {
         // Its own cgroup, so that its limits apply and no other machine shares (or sees) it.
-        let cgroups = cgroup::create(&spec.machine, &spec.limits)?;
-        let started = start_in(spec, &cgroups);
+        let cgroups = cgroup::create(&spec.machine, &spec.limits, |planned| {
+            machine.booting = Some(Booting { nspawn: None, cgroups: planned.dirs.clone() });
+            save(machine)
+        })?;
+        let started = start_in(spec, &cgroups, machine, save);
         if started.is_err() {
             if let Err(e) = cgroup::remove(&cgroups.dirs) {
                 log::warn!("{e}");
@@ -33,18 +37,29 @@ impl Host for PlainHost {
     }
 
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()> {
-        stop_machine(machine, timeout)?;
-        let cgroups = machine.running.as_ref().map(|r| r.cgroups.as_slice()).unwrap_or_default();
-        cgroup::remove(cgroups)
+        match (&machine.running, &machine.booting) {
+            (Some(running), _) => stop_machine(&machine.name, running, timeout)?,
+            (None, Some(Booting { nspawn: Some(nspawn), .. })) => abort_boot(&machine.name, *nspawn)?,
+            (None, _) => {}
+        }
+        let running = machine.running.as_ref().map(|r| r.cgroups.as_slice());
+        let booting = machine.booting.as_ref().map(|b| b.cgroups.as_slice());
+        cgroup::remove(running.or(booting).unwrap_or_default())
     }
 }
 
-/// Boots the machine with nspawn in `cgroups`.
-fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Running, Option<String>)> {
+/// Boots the machine with nspawn in `cgroups`, recording nspawn in `machine` (and saving it)
+/// before it may do anything.
+fn start_in(
+    spec: &MachineSpec,
+    cgroups: &cgroup::MachineCgroups,
+    machine: &mut Machine,
+    save: &mut Save,
+) -> Result<()> {
     let socket = NotifySocket::bind(&spec.machine)?;
     let log = create_log(&spec.log)?;
     let log_err = log.try_clone().context("duplicating log file")?;
-    let (program, args) = launch_command(spec, false, cgroups.dirs.clone())?;
+    let (program, args) = launch_command(spec, false, cgroups.dirs.clone(), true)?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -52,8 +67,9 @@ fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Run
         .env_clear()
         .env("PATH", SAFE_PATH)
         .env("NOTIFY_SOCKET", socket.env_value())
+        // The spawn wrapper's gate: it waits for the go on its stdin (see `spawn::SpawnPlan`).
+        .stdin(Stdio::piped())
         // gitlab-runner waits for EOF on the stage's stdout/stderr: the machine must not hold them.
-        .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
     // SAFETY: setsid is async-signal-safe. A new session keeps the machine out of the
@@ -67,6 +83,26 @@ fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Run
     }
     let mut child = command.spawn().context("starting systemd-nspawn")?;
     let nspawn_pid = child.id() as i32;
+    let mut gate = child.stdin.take();
+    // Write-ahead: the record names nspawn before nspawn may start. Should this stage die
+    // before the go, the wrapper reads EOF and exits: no machine ever runs unrecorded.
+    let recorded = process_start_time(nspawn_pid)
+        .ok_or_else(|| Error::new("the machine's spawn wrapper died at once"))
+        .and_then(|start| {
+            if let Some(booting) = machine.booting.as_mut() {
+                booting.nspawn = Some((nspawn_pid, start));
+            }
+            save(machine)
+        })
+        .and_then(|()| {
+            let gate = gate.as_mut().ok_or_else(|| Error::new("no pipe to the spawn wrapper"))?;
+            gate.write_all(spawn::GO).context("letting the spawn wrapper go")
+        });
+    drop(gate);
+    if let Err(e) = recorded {
+        let _ = child.wait();
+        return Err(e.context(format!("starting machine {}", spec.machine)));
+    }
     let ready = socket.wait_ready(spec.ready_timeout, || match child.try_wait() {
         Ok(Some(status)) => Some(Error::new(format!(
             "systemd-nspawn exited ({status}) before the machine was ready: {}",
@@ -78,7 +114,7 @@ fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Run
     let ready = match ready {
         Ok(ready) => ready,
         Err(e) => {
-            abort_boot(&mut child, spec);
+            abort_own_boot(&mut child, spec);
             return Err(e.context(format!("starting machine {}", spec.machine)));
         }
     };
@@ -90,12 +126,13 @@ fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Run
     let mut running = describe_running(nspawn_pid, leader_pid, spec)?;
     running.cgroup = Some(cgroups.main.clone());
     running.cgroups = cgroups.dirs.clone();
-    Ok((running, None))
+    machine.running = Some(running);
+    machine.booting = None;
+    Ok(())
 }
 
 /// Powers the machine off (SIGTERM to nspawn), killing it after `timeout`.
-fn stop_machine(machine: &Machine, timeout: Duration) -> Result<()> {
-    let Some(running) = &machine.running else { return Ok(()) };
+fn stop_machine(name: &str, running: &Running, timeout: Duration) -> Result<()> {
     let alive = || running.nspawn_alive() || running.leader_alive();
     if !alive() {
         return Ok(());
@@ -112,35 +149,60 @@ fn stop_machine(machine: &Machine, timeout: Duration) -> Result<()> {
     if wait_until(timeout, || !alive()) {
         return Ok(());
     }
-    log::warn!("machine {} did not power off in {} s, killing it", machine.name, timeout.as_secs());
+    log::warn!("machine {name} did not power off in {} s, killing it", timeout.as_secs());
     let leader = running.leader_alive().then_some(running.leader_pid);
     kill_machine(if running.nspawn_alive() { running.nspawn_pid } else { 0 }, leader);
     if wait_until(KILL_WAIT, || !alive()) {
         Ok(())
     } else {
-        Err(Error::new(format!("machine {} survived SIGKILL", machine.name)))
+        Err(Error::new(format!("machine {name} survived SIGKILL")))
     }
 }
 
-/// Ends a machine that is still booting without leaving its ephemeral copy behind: its init
-/// is SIGKILLed (ending the machine), so that nspawn itself sees it exit and removes the copy.
-/// A SIGTERM would not do: an init that has not installed its handlers yet ignores it.
-fn abort_boot(child: &mut Child, spec: &MachineSpec) {
+/// Ends a machine that is still booting, with nspawn `(pid, start time)`, without leaving
+/// its ephemeral copy behind: its init (nspawn's child) is SIGKILLed, ending the machine, so
+/// that nspawn itself sees it exit and removes the copy. A SIGTERM would not do: an init that
+/// has not installed its handlers yet ignores it. nspawn without a child yet gets a SIGTERM.
+fn abort_boot(name: &str, (nspawn_pid, start_time): (i32, u64)) -> Result<()> {
+    let alive = || process_start_time(nspawn_pid) == Some(start_time);
+    let mut told = false;
+    let ended = wait_until(KILL_WAIT, || {
+        if !alive() {
+            return true;
+        }
+        match first_child(nspawn_pid) {
+            Some(child) => drop(kill(Pid::from_raw(child), Signal::SIGKILL)),
+            None if !told => told = kill(Pid::from_raw(nspawn_pid), Signal::SIGTERM).is_ok(),
+            None => {}
+        }
+        false
+    });
+    if ended {
+        return Ok(());
+    }
+    kill_machine(nspawn_pid, first_child(nspawn_pid));
+    if wait_until(KILL_WAIT, || !alive()) {
+        Ok(())
+    } else {
+        Err(Error::new(format!("booting machine {name} survived SIGKILL")))
+    }
+}
+
+/// `abort_boot` of the machine this stage is starting (`child` is its nspawn), which also
+/// deletes its ephemeral copy should nspawn not have.
+fn abort_own_boot(child: &mut Child, spec: &MachineSpec) {
     let nspawn_pid = child.id() as i32;
-    let leader = first_child(nspawn_pid);
-    let copy = match (spec.root, leader) {
+    let copy = match (spec.root, first_child(nspawn_pid)) {
         (JobRoot::EphemeralSnapshot, Some(leader)) => find_ephemeral_copy(leader, &spec.tree).ok().flatten(),
         _ => None,
     };
-    match leader {
-        Some(leader) => drop(kill(Pid::from_raw(leader), Signal::SIGKILL)),
-        None => drop(kill(Pid::from_raw(nspawn_pid), Signal::SIGTERM)),
+    let ended = process_start_time(nspawn_pid)
+        .ok_or_else(|| Error::new("nspawn is gone"))
+        .and_then(|start| abort_boot(&spec.machine, (nspawn_pid, start)));
+    if let Err(e) = ended {
+        log::warn!("{e}");
     }
-    let exited = wait_until(KILL_WAIT, || matches!(child.try_wait(), Ok(Some(_))));
-    if !exited {
-        kill_machine(nspawn_pid, first_child(nspawn_pid));
-        let _ = child.wait();
-    }
+    let _ = child.wait();
     if let Some(copy) = copy.filter(|c| c.exists()) {
         if let Err(e) = spec.leftovers.delete(Some(&copy)) {
             log::warn!("cannot remove {} (gc will): {e}", copy.display());

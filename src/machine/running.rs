@@ -15,6 +15,10 @@ pub struct Machine {
     pub unit: Option<String>,
     /// The machine's processes, once it is up.
     pub running: Option<Running>,
+    /// What prepare started before the machine was up, recorded before it waits for it
+    /// (write-ahead): what a cleanup after a killed prepare stops. None once `running` is known.
+    #[serde(default)]
+    pub booting: Option<Booting>,
     /// Host uid of root in the machine (the base of its user namespace range); None for a
     /// privileged machine, and in records of versions before user namespaces.
     #[serde(default)]
@@ -24,12 +28,35 @@ pub struct Machine {
 impl Machine {
     /// A machine that is not started yet.
     pub fn new(name: String) -> Machine {
-        Machine { name, unit: None, running: None, uid_base: None }
+        Machine { name, unit: None, running: None, booting: None, uid_base: None }
     }
 
     /// True while the machine's init still runs.
     pub fn is_up(&self) -> bool {
         self.running.as_ref().is_some_and(Running::leader_alive)
+    }
+
+    /// True while the nspawn of a machine that was never recorded up still runs (a prepare
+    /// killed during the boot leaves it so).
+    pub fn is_booting(&self) -> bool {
+        self.booting.as_ref().is_some_and(Booting::nspawn_alive)
+    }
+}
+
+/// A machine on its way up: its cgroups (plain hosts), made before nspawn starts, and nspawn
+/// once it is started. Its init is not known yet: it is nspawn's child.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Booting {
+    /// nspawn's pid and start time, once started.
+    pub nspawn: Option<(i32, u64)>,
+    /// The machine's own cgroup directories (plain hosts), removed at cleanup.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+}
+
+impl Booting {
+    pub fn nspawn_alive(&self) -> bool {
+        self.nspawn.is_some_and(|(pid, start)| process_start_time(pid) == Some(start))
     }
 }
 

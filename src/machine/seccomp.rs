@@ -2,7 +2,7 @@
 //! dir, and loaded into every entered script as the last step before exec.
 
 use crate::error::{Context, Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// PTRACE_SECCOMP_GET_FILTER (linux/ptrace.h); not in the libc crate.
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
@@ -92,7 +92,7 @@ impl Filters {
                 bytes.extend_from_slice(&insn.k.to_ne_bytes());
             }
         }
-        crate::store::write_atomically(path, &path.with_extension("seccomp.tmp"), &bytes)
+        crate::store::write_atomically(path, &temp_path(path), &bytes)
     }
 
     /// Reads what `save` wrote.
@@ -142,6 +142,11 @@ impl Filters {
         }
         Ok(())
     }
+}
+
+/// Where `Filters::save` writes before it renames into `path` (a stage killed meanwhile leaves it).
+pub fn temp_path(path: &Path) -> PathBuf {
+    path.with_extension("seccomp.tmp")
 }
 
 #[cfg(test)]

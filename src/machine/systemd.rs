@@ -2,8 +2,7 @@
 //! registered with machined, so limits apply and `machinectl list` shows it.
 
 use super::{
-    describe_running, first_child, launch_command, unit_name, wait_until, Host, Machine, MachineSpec, Running,
-    SAFE_PATH,
+    describe_running, first_child, launch_command, unit_name, wait_until, Host, Machine, MachineSpec, Save, SAFE_PATH,
 };
 use crate::error::{Context, Error, Result};
 use std::os::unix::process::CommandExt;
@@ -19,7 +18,11 @@ const DEVICE_POLICY: [&str; 3] = ["DevicePolicy=closed", "DeviceAllow=/dev/net/t
 
 /// Runs a systemd tool with a clean environment, returning stdout; a failure carries its stderr.
 fn systemctl_like(program: &str, args: &[String]) -> Result<String> {
-    let output = Command::new(program)
+    let mut command = Command::new(program);
+    // A stage killed while systemd-run waits must not have it create the unit later, after
+    // the cleanup that stops the recorded unit has looked: it dies with the stage.
+    crate::signals::terminate_with_parent(&mut command);
+    let output = command
         .args(args)
         .env_clear()
         .env("PATH", SAFE_PATH)
@@ -47,8 +50,11 @@ fn unit_property(unit: &str, property: &str) -> Result<String> {
 }
 
 impl Host for SystemdHost {
-    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
+    fn start(&self, spec: &MachineSpec, machine: &mut Machine, save: &mut Save) -> Result<()> {
         let unit = unit_name(&spec.machine);
+        // Write-ahead: a cleanup after this stage is killed stops the unit, whatever became of it.
+        machine.unit = Some(unit.clone());
+        save(machine)?;
         let mut args = vec![
             "--quiet".to_owned(),
             format!("--unit={unit}"),
@@ -65,7 +71,7 @@ impl Host for SystemdHost {
         args.extend(DEVICE_POLICY.iter().map(|p| format!("--property={p}")));
         args.extend(spec.properties.iter().map(|p| format!("--property={p}")));
         // systemd places the unit in its cgroup: the wrapper only mounts the idmapped root.
-        let (program, command) = launch_command(spec, true, Vec::new())?;
+        let (program, command) = launch_command(spec, true, Vec::new(), false)?;
         args.push("--".to_owned());
         args.push(program.display().to_string());
         args.extend(command);
@@ -86,7 +92,10 @@ impl Host for SystemdHost {
             Ok(running)
         })();
         match started {
-            Ok(running) => Ok((running, Some(unit))),
+            Ok(running) => {
+                machine.running = Some(running);
+                Ok(())
+            }
             Err(e) => {
                 let _ = stop_unit(&unit);
                 Err(e)
@@ -96,6 +105,9 @@ impl Host for SystemdHost {
 
     fn stop(&self, machine: &Machine, timeout: Duration) -> Result<()> {
         let unit = machine.unit.clone().unwrap_or_else(|| unit_name(&machine.name));
+        if machine.running.is_none() {
+            kill_booting_init(&unit);
+        }
         stop_unit(&unit)?;
         let Some(running) = &machine.running else { return Ok(()) };
         if wait_until(timeout, || !running.leader_alive() && !running.nspawn_alive()) {
@@ -103,6 +115,17 @@ impl Host for SystemdHost {
         } else {
             Err(Error::new(format!("machine {} is still running after stopping {unit}", machine.name)))
         }
+    }
+}
+
+/// A machine never recorded up (its prepare was killed while it booted) may still be booting:
+/// its init, nspawn's child, may not have its signal handlers yet and would ignore the poweroff
+/// until systemd's SIGKILL, which leaves nspawn no chance to remove its ephemeral copy. Killing
+/// the init ends the machine at once, and nspawn exits cleanly.
+fn kill_booting_init(unit: &str) {
+    let main_pid = unit_property(unit, "MainPID").ok().and_then(|pid| pid.parse::<i32>().ok()).filter(|pid| *pid > 0);
+    if let Some(init) = main_pid.and_then(first_child) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init), nix::sys::signal::Signal::SIGKILL);
     }
 }
 

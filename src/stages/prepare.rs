@@ -185,14 +185,17 @@ impl<'a> Attempt<'a> {
         Ok(attempt)
     }
 
-    /// The job's private writable layer, on stores whose jobs boot an overlay.
+    /// The job's private writable layer, on stores whose jobs boot an overlay; recorded before
+    /// it is made.
     fn make_job_dir(&mut self, image: &Image, root: JobRoot) -> Result<()> {
         self.state.phase = Phase::Booting;
+        let name = &self.state.machine.name;
+        self.state.job_dir = (root == JobRoot::Overlay).then(|| self.store.job_dir(name));
+        self.ctx.states.save(&self.state)?;
         if root == JobRoot::Overlay {
-            let tree = image.snapshot_path(&self.state.snapshot);
-            self.state.job_dir = Some(self.store.create_job_dir(&self.state.machine.name, &tree)?);
+            self.store.create_job_dir(name, &image.snapshot_path(&self.state.snapshot))?;
         }
-        self.ctx.states.save(&self.state)
+        Ok(())
     }
 
     /// Boots the machine, with the project cache dir `cache` at /cache, and records its processes.
@@ -213,12 +216,19 @@ impl<'a> Attempt<'a> {
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
         };
-        let (running, unit) = self.host.start(&spec)?;
-        self.state.machine.running = Some(running.clone());
-        self.state.machine.unit = unit;
+        let mut machine = self.state.machine.clone();
+        let (states, state) = (&self.ctx.states, &mut self.state);
+        let started = self.host.start(&spec, &mut machine, &mut |machine| {
+            state.machine = machine.clone();
+            states.save(state)
+        });
+        // Also after a failure: the rollback stops whatever the host got to start.
+        self.state.machine = machine;
+        started?;
         self.state.phase = Phase::Running;
         self.ctx.states.save(&self.state)?;
-        self.host.capture_seccomp(&running, &self.ctx.states.seccomp_path(&self.ctx.job))
+        let running = self.state.machine.running.as_ref().ok_or_else(|| Error::new("the host reported no machine"))?;
+        self.host.capture_seccomp(running, &self.ctx.states.seccomp_path(&self.ctx.job))
     }
 
     /// Every step succeeded: the job keeps its machine.

@@ -8,7 +8,7 @@ use crate::jobs::env::JobEnv;
 use crate::jobs::leases::reap_crashed;
 use crate::jobs::state::{unix_now, Phase, StateDir};
 use crate::jobs::JobContext;
-use crate::machine::{process_start_time, Host, Machine, MachineSpec, Running};
+use crate::machine::{process_start_time, Booting, Host, Machine, MachineSpec, Running, Save};
 use crate::names::{ImageName, JobId};
 use crate::settings::Settings;
 use crate::store::backend::{Backend, JobRoot};
@@ -22,6 +22,9 @@ use std::rc::Rc;
 struct Script {
     calls: Vec<String>,
     fail: Option<String>,
+    /// The job's state file as it was right after the host's write-ahead, before the machine
+    /// was ready: what a prepare SIGKILLed at that instant leaves.
+    written_ahead: Option<Vec<u8>>,
 }
 
 type Shared = Rc<RefCell<Script>>;
@@ -68,14 +71,23 @@ impl Backend for FakeBackend {
 }
 
 /// A host whose "machines" are this test process; on ephemeral stores it makes the copy nspawn
-/// would make, so cleanup has something to delete.
+/// would make, so cleanup has something to delete. Like the real ones it records its nspawn
+/// (here: this process) before the machine is ready.
 struct FakeHost {
     script: Shared,
+    /// The job's state file.
+    record: PathBuf,
 }
 
 impl Host for FakeHost {
-    fn start(&self, spec: &MachineSpec) -> Result<(Running, Option<String>)> {
+    fn start(&self, spec: &MachineSpec, machine: &mut Machine, save: &mut Save) -> Result<()> {
         record(&self.script, format!("start {}", spec.machine))?;
+        let me = std::process::id() as i32;
+        let start = process_start_time(me).ok_or_else(|| Error::new("no start time"))?;
+        machine.booting = Some(Booting { nspawn: Some((me, start)), cgroups: Vec::new() });
+        save(machine)?;
+        self.script.borrow_mut().written_ahead = std::fs::read(&self.record).ok();
+        record(&self.script, format!("ready {}", spec.machine))?;
         let ephemeral = match spec.root {
             JobRoot::EphemeralSnapshot => {
                 let tree_name = spec.tree.file_name().unwrap_or_default().to_string_lossy();
@@ -86,9 +98,7 @@ impl Host for FakeHost {
             }
             JobRoot::Overlay | JobRoot::Volatile => None,
         };
-        let me = std::process::id() as i32;
-        let start = process_start_time(me).ok_or_else(|| Error::new("no start time"))?;
-        let running = Running {
+        machine.running = Some(Running {
             nspawn_pid: me,
             nspawn_start_time: start,
             leader_pid: me,
@@ -96,11 +106,13 @@ impl Host for FakeHost {
             ephemeral,
             cgroup: None,
             cgroups: Vec::new(),
-        };
-        Ok((running, None))
+        });
+        machine.booting = None;
+        Ok(())
     }
     fn stop(&self, machine: &Machine, _timeout: std::time::Duration) -> Result<()> {
-        record(&self.script, format!("stop {}", machine.name))
+        let booting = machine.running.is_none() && machine.is_booting();
+        record(&self.script, format!("stop {}{}", machine.name, if booting { " (booting)" } else { "" }))
     }
     /// This process has no filter to read (and may not ptrace itself).
     fn capture_seccomp(&self, _running: &Running, _path: &Path) -> Result<()> {
@@ -151,13 +163,17 @@ impl World {
         std::mem::take(&mut self.script.borrow_mut().calls)
     }
 
+    fn host(&self) -> FakeHost {
+        FakeHost { script: self.script.clone(), record: self.ctx.states.path(&self.ctx.job) }
+    }
+
     fn prepare(&self) -> Result<()> {
-        let host = FakeHost { script: self.script.clone() };
+        let host = self.host();
         prepare_job(&self.ctx, &self.store(), &host, &ImageName::parse("img").unwrap(), Some(7))
     }
 
     fn cleanup(&self) -> Result<()> {
-        let host = FakeHost { script: self.script.clone() };
+        let host = self.host();
         cleanup_job(&self.ctx, &host, |_| Ok(self.store()))
     }
 
@@ -193,8 +209,8 @@ fn a_job_boots_then_cleanup_stops_it_and_deletes_what_it_left() {
         let state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
         assert_eq!(state.phase, Phase::Running);
         let job_dir = match root {
-            JobRoot::Overlay => vec!["delete run-1", "start run-1"],
-            JobRoot::EphemeralSnapshot | JobRoot::Volatile => vec!["start run-1"],
+            JobRoot::Overlay => vec!["delete run-1", "start run-1", "ready run-1"],
+            JobRoot::EphemeralSnapshot | JobRoot::Volatile => vec!["start run-1", "ready run-1"],
         };
         assert_eq!(world.calls(), job_dir);
         world.cleanup().unwrap();
@@ -212,7 +228,7 @@ fn a_job_boots_then_cleanup_stops_it_and_deletes_what_it_left() {
 #[test]
 fn a_failure_at_each_step_of_prepare_leaves_nothing_behind() {
     for root in BOTH {
-        for step in ["delete run-1", "start run-1", "cache dir"] {
+        for step in ["delete run-1", "start run-1", "ready run-1", "cache dir"] {
             if root == JobRoot::EphemeralSnapshot && step == "delete run-1" {
                 continue; // no job directory on such stores
             }
@@ -225,7 +241,10 @@ fn a_failure_at_each_step_of_prepare_leaves_nothing_behind() {
             let err = world.prepare().unwrap_err();
             assert!(err.to_string().starts_with("preparing job 1: "), "{err}");
             let calls = world.calls();
-            assert!(calls.contains(&"stop run-1".to_owned()), "no rollback after {step} failed: {calls:?}");
+            assert!(calls.iter().any(|c| c.starts_with("stop run-1")), "no rollback after {step} failed: {calls:?}");
+            if step == "ready run-1" {
+                assert!(calls.contains(&"stop run-1 (booting)".to_owned()), "{calls:?}");
+            }
             assert_eq!(calls.last().map(String::as_str), Some("delete run-1"), "{calls:?}");
             world.assert_nothing_left();
         }
@@ -251,7 +270,7 @@ fn a_retry_cleans_up_the_earlier_attempt_first() {
         world.prepare().unwrap();
         let calls = world.calls();
         assert_eq!(calls.first().map(String::as_str), Some("stop run-1"), "{calls:?}");
-        assert_eq!(calls.last().map(String::as_str), Some("start run-1"), "{calls:?}");
+        assert_eq!(calls.last().map(String::as_str), Some("ready run-1"), "{calls:?}");
         if let Some(copy) = first.machine.running.and_then(|r| r.ephemeral) {
             assert!(!copy.exists(), "the first attempt's copy {} is left", copy.display());
         }
@@ -282,7 +301,11 @@ fn image_settings_choose_the_job_root_and_bad_ones_change_nothing() {
     let conf = world.dir.join("config/img.conf");
     std::fs::write(&conf, "root=overlay\nmemory_max=1G\n").unwrap();
     world.prepare().unwrap();
-    assert_eq!(world.calls(), ["delete run-1", "start run-1"], "root=overlay makes a job dir on btrfs too");
+    assert_eq!(
+        world.calls(),
+        ["delete run-1", "start run-1", "ready run-1"],
+        "root=overlay makes a job dir on btrfs too"
+    );
     let state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
     assert!(state.job_dir.is_some());
     world.cleanup().unwrap();
@@ -346,6 +369,7 @@ fn gc_makes_its_renames_durable_before_deleting_and_its_deletions_before_reporti
 fn reaping_crashed_jobs_makes_its_deletions_durable_before_reporting_them() {
     let world = World::new("reap", JobRoot::Overlay);
     std::fs::create_dir_all(world.dir.join("root/.jobs/run-9/upper")).unwrap();
+    world.ctx.settings.ensure_state_dir().unwrap();
     let store = world.store();
     assert_eq!(reap_crashed(&store, &world.ctx.states).unwrap(), ["run-9"]);
     assert_eq!(world.calls(), ["delete run-9", "durable .jobs"]);
@@ -356,7 +380,7 @@ fn reaping_crashed_jobs_makes_its_deletions_durable_before_reporting_them() {
 #[test]
 fn gc_cleans_every_job_over_the_max_age_even_when_one_cannot_be_stopped() {
     let world = World::new("over-age", JobRoot::Overlay);
-    let host = FakeHost { script: world.script.clone() };
+    let host = world.host();
     let job = |id: &str| JobContext {
         settings: world.ctx.settings.clone(),
         env: JobEnv::default(),
@@ -393,4 +417,31 @@ fn gc_cleans_every_job_over_the_max_age_even_when_one_cannot_be_stopped() {
     cleanup_job(&job("3"), &host, |_| Ok(world.store())).unwrap();
     world.calls();
     world.assert_nothing_left();
+}
+
+#[test]
+fn the_record_names_nspawn_before_the_machine_is_ready_so_a_killed_prepare_is_cleaned_up() {
+    for root in BOTH {
+        let world = World::new(&format!("write-ahead-{root:?}"), root);
+        world.prepare().unwrap();
+        let ahead = world.script.borrow_mut().written_ahead.take().expect("the host saved no record before ready");
+        let state: crate::jobs::state::JobState = serde_json::from_slice(&ahead).unwrap();
+        assert_eq!(state.phase, Phase::Booting);
+        assert!(state.machine.running.is_none(), "written before the machine was ready");
+        assert!(state.machine.is_booting(), "the record does not name the live nspawn: {state:?}");
+        assert_eq!(state.job_dir.is_some(), root == JobRoot::Overlay);
+        world.cleanup().unwrap();
+        world.calls();
+        // A prepare SIGKILLed right after the write-ahead leaves that record (and no lock
+        // holder): cleanup stops the booting machine and deletes the rest.
+        std::fs::create_dir_all(world.dir.join("root/.jobs/run-1/upper")).unwrap();
+        std::fs::write(world.ctx.states.path(&world.ctx.job), &ahead).unwrap();
+        std::fs::write(world.ctx.states.log_path(&world.ctx.job), "console output").unwrap();
+        // Killed while saving a record or the seccomp filters: their temporary files.
+        std::fs::write(world.dir.join("state/.1.json.tmp"), "{half a rec").unwrap();
+        std::fs::write(world.dir.join("state/1.seccomp.tmp"), "half a filter").unwrap();
+        world.cleanup().unwrap();
+        assert_eq!(world.calls(), ["stop run-1 (booting)", "delete run-1"]);
+        world.assert_nothing_left();
+    }
 }

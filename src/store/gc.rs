@@ -1,8 +1,8 @@
 //! Garbage collection of an image: old snapshots no job needs, leftovers of crashed transactions and machines.
 
-use super::{Entry, Image, CURRENT_TEMP_PREFIX, PENDING_PREFIX};
+use super::{busy, Entry, Image, CURRENT_TEMP_PREFIX, PENDING_PREFIX};
 use crate::error::Result;
-use crate::lock::{Lock, Mode};
+use crate::lock::Mode;
 use crate::names::{JobId, SnapshotName};
 use log::warn;
 use std::collections::{BTreeMap, HashSet};
@@ -39,12 +39,13 @@ pub fn split_previous<'a>(
 
 /// Decides which entries of an image directory to delete. Pure, so it is unit-tested.
 /// `current` is `None` when the link is broken: then no snapshot is deleted at all.
-/// `held_locks` are the nspawn lock files a running nspawn holds.
+/// `busy` are the entries the kernel says are in use (see `busy`), whatever the records say:
+/// trees of live machines and the lock files nspawn holds.
 pub fn plan(
     entries: &[Entry],
     current: Option<&SnapshotName>,
     in_use: &InUse,
-    held_locks: &HashSet<String>,
+    busy: &HashSet<String>,
     keep: usize,
 ) -> Vec<String> {
     let mut doomed = Vec::new();
@@ -55,23 +56,48 @@ pub fn plan(
         });
         let (beyond_keep, _kept) = split_previous(snapshots, current, keep);
         for snapshot in beyond_keep {
-            if !in_use.leased.contains_key(snapshot) {
-                doomed.push(snapshot.to_string());
+            let name = snapshot.to_string();
+            if !in_use.leased.contains_key(snapshot) && !busy.contains(&name) {
+                doomed.push(name);
             }
         }
     }
     for entry in entries {
         match entry {
             Entry::Pending(name) => doomed.push(name.clone()),
-            Entry::Ephemeral(name) if !in_use.job_starting && !in_use.ephemeral.contains(name) => {
+            Entry::Ephemeral(name)
+                if !in_use.job_starting && !in_use.ephemeral.contains(name) && !busy.contains(name) =>
+            {
                 doomed.push(name.clone())
             }
             Entry::Bookkeeping(name) if name.starts_with(CURRENT_TEMP_PREFIX) => doomed.push(name.clone()),
-            Entry::NspawnLock(name) if !held_locks.contains(name) => doomed.push(name.clone()),
+            Entry::NspawnLock(name) if !busy.contains(name) => doomed.push(name.clone()),
             _ => {}
         }
     }
     doomed
+}
+
+/// The entries of `image` the kernel says are in use: nspawn lock files somebody holds, and
+/// snapshots and copies some process, mount or nspawn uses (a machine whose record is lost or
+/// was never written). Listed after `entries`: a copy made since is not among them, and nspawn
+/// locks a copy before it makes it.
+fn busy_entries(image: &Image, entries: &[Entry]) -> HashSet<String> {
+    let users = busy::Users::scan();
+    let mut in_use = HashSet::new();
+    for entry in entries {
+        let (name, user) = match entry {
+            Entry::NspawnLock(name) => (name.clone(), busy::lock_held(&image.dir().join(name)).then(|| "held".into())),
+            Entry::Snapshot(snapshot) => (snapshot.to_string(), busy::user_of(&image.snapshot_path(snapshot), &users)),
+            Entry::Ephemeral(name) => (name.clone(), busy::user_of(&image.dir().join(name), &users)),
+            _ => continue,
+        };
+        if let Some(user) = user {
+            log::debug!("gc: image {}: {name} is in use ({user})", image.name());
+            in_use.insert(name);
+        }
+    }
+    in_use
 }
 
 /// Runs gc on one image, under its transaction lock; returns the names it deleted.
@@ -86,16 +112,9 @@ pub fn collect_image(image: &Image, leases: &dyn Leases, keep: usize) -> Result<
         let _pins = image.lock_pins(Mode::Exclusive)?;
         let in_use = leases.in_use(image)?;
         let entries = image.entries()?;
-        let mut held_locks = HashSet::new();
-        for entry in &entries {
-            if let Entry::NspawnLock(name) = entry {
-                if Lock::try_acquire(&image.dir().join(name), Mode::Exclusive)?.is_none() {
-                    held_locks.insert(name.clone());
-                }
-            }
-        }
+        let busy = busy_entries(image, &entries);
         let current = image.current().ok();
-        for name in plan(&entries, current.as_ref(), &in_use, &held_locks, keep) {
+        for name in plan(&entries, current.as_ref(), &in_use, &busy, keep) {
             let from = image.dir().join(&name);
             if name.starts_with(PENDING_PREFIX) || name.starts_with(CURRENT_TEMP_PREFIX) || name.ends_with(".lck") {
                 moved.push((name, from));
@@ -173,6 +192,8 @@ mod tests {
         let in_use = InUse { leased: [(snap(10), vec![JobId::parse("7").unwrap()])].into(), ..Default::default() };
         assert!(plan(&e, Some(&snap(30)), &in_use, &none(), 1).is_empty());
         assert_eq!(plan(&e, Some(&snap(30)), &in_use, &none(), 0), ["20_1"]);
+        let busy: HashSet<String> = ["20_1".to_string()].into();
+        assert!(plan(&e, Some(&snap(30)), &in_use, &busy, 0).is_empty(), "a snapshot in use is no garbage");
     }
 
     #[test]
@@ -200,6 +221,10 @@ mod tests {
         let held: HashSet<String> = [".#10_1.lck".to_string()].into();
         let doomed = plan(&e, Some(&snap(10)), &in_use, &held, 1);
         assert_eq!(doomed, [".tx-11_1", ".#machine.10_1def", ".current.55", ".#.#machine.10_1def.lck"]);
+        // A copy and its lock that no record names but a live machine uses stay all the same.
+        let busy: HashSet<String> =
+            [".#10_1.lck", ".#machine.10_1def", ".#.#machine.10_1def.lck"].map(String::from).into();
+        assert_eq!(plan(&e, Some(&snap(10)), &in_use, &busy, 1), [".tx-11_1", ".current.55"]);
         let starting = InUse { job_starting: true, ..in_use };
         assert_eq!(
             plan(&e, Some(&snap(10)), &starting, &held, 1),

@@ -1,6 +1,7 @@
 //! The image store: `ROOT/NAME/` with `<unix-time>_<pid>` snapshots and the `current` symlink.
 
 pub mod backend;
+pub mod busy;
 pub mod gc;
 pub mod transaction;
 
@@ -107,7 +108,7 @@ impl Store {
     /// an overlay upper dir whose owner and mode are those of `tree`'s root: overlayfs shows
     /// the upper dir's attributes as the machine's `/`, and a 0700 root locks out every
     /// service that does not run as root.
-    pub fn create_job_dir(&self, machine: &str, tree: &Path) -> Result<PathBuf> {
+    pub fn create_job_dir(&self, machine: &str, tree: &Path) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         self.check_jobs_dir()?;
         let dir = self.job_dir(machine);
@@ -123,8 +124,7 @@ impl Store {
         std::os::unix::fs::chown(&upper, Some(root.uid()), Some(root.gid()))
             .with_context(|| format!("chown {}", upper.display()))?;
         std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(root.mode() & 0o7777))
-            .with_context(|| format!("chmod {}", upper.display()))?;
-        Ok(dir)
+            .with_context(|| format!("chmod {}", upper.display()))
     }
 
     /// Where job `job` on snapshot `snapshot` of `image` may have left things.
@@ -364,9 +364,27 @@ pub struct JobLeftovers<'s> {
 }
 
 impl JobLeftovers<'_> {
-    /// Deletes the job's overlay directory and, if given, nspawn's copy `ephemeral`; what is
-    /// already gone is fine. A copy that is not one of this job's snapshot in its image's
-    /// directory is refused and nothing is deleted.
+    /// What still uses nspawn's copy `ephemeral` or the job's directory, if anything, as the
+    /// kernel tells (see `busy`): a live machine whatever its record says.
+    pub fn user(&self, ephemeral: Option<&Path>) -> Option<String> {
+        self.user_in(ephemeral, &busy::Users::scan())
+    }
+
+    fn user_in(&self, ephemeral: Option<&Path>, users: &busy::Users) -> Option<String> {
+        let job_dir = self.store.job_dir(&self.job.machine_name());
+        let user = ephemeral
+            .into_iter()
+            .chain([job_dir.as_path()])
+            .find_map(|tree| busy::user_of(tree, users).map(|user| format!("{}: {user}", tree.display())));
+        user
+    }
+
+    /// Deletes the job's overlay directory and nspawn's copy `ephemeral`; what is already gone
+    /// is fine. Without a recorded copy (a machine that never came up: its nspawn may have made
+    /// one and died without removing it) every copy of the job's snapshot that nothing uses
+    /// goes: nspawn locks a copy before it makes it, so a copy nothing uses is a dead machine's.
+    /// A copy that is not one of this job's snapshot in its image's directory is refused, and
+    /// so is anything still in use; then nothing is deleted.
     pub fn delete(&self, ephemeral: Option<&Path>) -> Result<()> {
         if let Some(copy) = ephemeral {
             if !is_copy_of(copy, &self.store.root, &self.image, &self.snapshot) {
@@ -376,13 +394,36 @@ impl JobLeftovers<'_> {
                     self.image
                 )));
             }
-            // The copy's path goes through the image directory, which must still be the store's.
-            self.store.image(&self.image)?;
-            self.store.backend.delete(copy)?;
-            remove_if_present(&nspawn_lock_path(copy))?;
+        }
+        // Copies' paths go through the image directory, which must still be the store's.
+        self.store.image(&self.image)?;
+        let users = busy::Users::scan();
+        if let Some(user) = self.user_in(ephemeral, &users) {
+            return Err(Error::new(format!("refusing to delete what job {} left, still in use: {user}", self.job)));
+        }
+        let copies = match ephemeral {
+            Some(copy) => vec![copy.to_path_buf()],
+            None => self.unused_copies(&users)?,
+        };
+        for copy in copies {
+            self.store.backend.delete(&copy)?;
+            remove_if_present(&busy::nspawn_lock_path(&copy))?;
         }
         self.store.check_jobs_dir()?;
         self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
+    }
+
+    /// The copies of the job's snapshot in its image's directory that nothing uses.
+    fn unused_copies(&self, users: &busy::Users) -> Result<Vec<PathBuf>> {
+        let dir = self.store.root.join(self.image.as_str());
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let copies = read_dir(&dir)?
+            .map(|entry| entry.path())
+            .filter(|path| is_copy_of(path, &self.store.root, &self.image, &self.snapshot))
+            .filter(|path| busy::user_of(path, users).is_none());
+        Ok(copies.collect())
     }
 }
 
@@ -416,12 +457,6 @@ pub fn is_copy_of(copy: &Path, root: &Path, image: &ImageName, snapshot: &Snapsh
     let prefix = format!("{EPHEMERAL_PREFIX}{snapshot}");
     let named = copy.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n != prefix);
     named && copy.parent() == Some(root.join(image.as_str()).as_path())
-}
-
-/// nspawn's lock file for the tree at `path` (`.#NAME.lck` beside it).
-fn nspawn_lock_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    path.with_file_name(format!(".#{name}.lck"))
 }
 
 /// Removes a file; one that is already gone is fine.
