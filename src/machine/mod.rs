@@ -46,6 +46,11 @@ pub struct MachineSpec<'s> {
     pub ready_timeout: Duration,
     /// How long a poweroff may take before the machine is killed.
     pub stop_timeout: Duration,
+    /// The machine must not outlive the process that starts it (a health check's machine; a
+    /// job's outlives its prepare stage). Plain hosts give nspawn SIGTERM when that process
+    /// dies; a systemd unit cannot be tied to a process, so such a caller also gives it a
+    /// `RuntimeMaxSec=` property.
+    pub dies_with_caller: bool,
 }
 
 /// The two worlds a runner host can be: systemd as PID 1 or not.
@@ -208,6 +213,7 @@ mod tests {
             log: "/run/x.log".into(),
             ready_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
+            dies_with_caller: false,
         };
         nspawn_args(&spec, register)
     }

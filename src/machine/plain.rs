@@ -42,7 +42,13 @@ impl Host for PlainHost {
 /// Boots the machine with nspawn in `cgroups`.
 fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Running, Option<String>)> {
     let socket = NotifySocket::bind(&spec.machine)?;
-    let log = std::fs::File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
+    // Appending: a health check adds its own lines to the same log while nspawn still writes.
+    crate::store::remove_if_present(&spec.log)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("creating {}", spec.log.display()))?;
     let log_err = log.try_clone().context("duplicating log file")?;
     let (program, args) = launch_command(spec, false, cgroups.dirs.clone())?;
     let mut command = Command::new(program);
@@ -64,6 +70,9 @@ fn start_in(spec: &MachineSpec, cgroups: &cgroup::MachineCgroups) -> Result<(Run
             nix::sys::signal::SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
             nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
         });
+    }
+    if spec.dies_with_caller {
+        crate::signals::terminate_with_parent(&mut command);
     }
     let mut child = command.spawn().context("starting systemd-nspawn")?;
     let nspawn_pid = child.id() as i32;

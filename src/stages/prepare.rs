@@ -73,20 +73,25 @@ fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Re
 
 /// How the job's machine is made, from the settings and the image's settings, decided before
 /// anything is written.
-struct JobPlan {
-    root: JobRoot,
+pub(crate) struct JobPlan {
+    pub root: JobRoot,
     /// The image's own read-only binds.
-    image_binds: Vec<Bind>,
-    properties: Vec<String>,
-    limits: cgroup::Limits,
+    pub image_binds: Vec<Bind>,
+    pub properties: Vec<String>,
+    pub limits: cgroup::Limits,
     /// No user namespace (the image's `privileged=true`).
-    privileged: bool,
+    pub privileged: bool,
     /// The GitLab project, whose cache the job sees at /cache.
     project: Option<u64>,
 }
 
 impl JobPlan {
-    fn new(settings: &Settings, store: &Store, image_name: &ImageName, project: Option<u64>) -> Result<JobPlan> {
+    pub(crate) fn new(
+        settings: &Settings,
+        store: &Store,
+        image_name: &ImageName,
+        project: Option<u64>,
+    ) -> Result<JobPlan> {
         let image = ImageSettings::load(&settings.config_dir, image_name)?;
         let image_binds = image.bind_list()?.into_iter().map(|(host, inside)| Bind::read_only(host, inside)).collect();
         let over = |own: &Option<String>, global: &Option<String>| own.clone().or_else(|| global.clone());
@@ -212,6 +217,7 @@ impl<'a> Attempt<'a> {
             log: self.ctx.states.log_path(&self.ctx.job),
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
+            dies_with_caller: false,
         };
         let (running, unit) = self.host.start(&spec)?;
         self.state.machine.running = Some(running.clone());
@@ -243,7 +249,7 @@ impl Drop for Attempt<'_> {
 }
 
 /// The lowest uid range no job on record holds (crashed jobs keep theirs until gc reaps them).
-fn free_uid_base(ctx: &JobContext) -> Result<u32> {
+pub(crate) fn free_uid_base(ctx: &JobContext) -> Result<u32> {
     let used: HashSet<u32> = ctx.states.all()?.iter().filter_map(|(state, _)| state.machine.uid_base).collect();
     idmap::pick_base(&used)
 }
@@ -251,7 +257,7 @@ fn free_uid_base(ctx: &JobContext) -> Result<u32> {
 /// What every job machine gets mounted: its project's cache dir, the host's gitlab-runner and
 /// step-runner where there are, and the image's own read-only binds; `idmap` (a machine in a
 /// user namespace) shows them with the host's ownership.
-fn job_binds(settings: &Settings, cache: Option<PathBuf>, image_binds: Vec<Bind>, idmap: bool) -> Vec<Bind> {
+pub(crate) fn job_binds(settings: &Settings, cache: Option<PathBuf>, image_binds: Vec<Bind>, idmap: bool) -> Vec<Bind> {
     let cache = cache.map(|dir| Bind::read_write(dir, CACHE_DIR_IN_MACHINE));
     let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
     let step_runner = settings.step_runner_binary().map(|binary| Bind::read_only(binary, STEP_RUNNER_IN_MACHINE));
