@@ -54,8 +54,9 @@ fn subvolumes_below(env: &TestEnv, dir: &Path) -> Vec<String> {
 }
 
 /// After gc: ROOT/NAME holds `current`, lock files (`.lock`; the binary also keeps a `.pin.lock`), the
-/// current snapshot and at most `keep` more snapshots (plus `leased` ones), nothing else (no .tx-*, no
-/// orphans; no .#machine.* unless `jobs_running`), and on btrfs no subvolume besides those snapshots.
+/// current snapshot and at most `keep` more snapshots (plus `leased` ones), perhaps the log of a health
+/// check that failed or was killed (`.check.log`), nothing else (no .tx-*, no orphans; no .#machine.*
+/// unless `jobs_running`), and on btrfs no subvolume besides those snapshots.
 #[track_caller]
 fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: bool) {
     let cur = env.current(IMAGE).expect("a valid current");
@@ -68,7 +69,7 @@ fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: 
     let is_machine = |e: &str| jobs_running && e.starts_with(".#machine.");
     for e in &entries {
         assert!(
-            e == "current" || is_lock(e) || is_machine(e) || is_snapshot_name(e),
+            e == "current" || e == ".check.log" || is_lock(e) || is_machine(e) || is_snapshot_name(e),
             "unexpected entry {e:?} in {} after gc: {entries:?}",
             env.image_dir(IMAGE).display()
         );
@@ -358,6 +359,10 @@ fn crash_safety_kill9(kind: StoreKind) {
         r.kill_group(libc::SIGKILL);
         let gone = wait_until(Duration::from_secs(30), || group_members(pid).iter().all(|p| *p == pid));
         assert!(gone, "iteration {i}: children of the killed maintain survive SIGKILL for 30 s");
+        // The health check's machine runs in a session of its own, like a job's, and dies with the
+        // maintain that started it: nspawn gets SIGTERM and kills it.
+        let machine_gone = wait_until(Duration::from_secs(30), || processes_using(&env.store_dir).is_empty());
+        assert!(machine_gone, "iteration {i}: the killed maintain's check machine survives it for 30 s");
         let out = r.wait(Duration::from_secs(30));
         eprintln!(
             "iteration {i}: killed after {delay:?}: {:?} {:?}; its process group was gone {:?} later",
@@ -386,12 +391,12 @@ fn crash_safety_kill9(kind: StoreKind) {
         if out.code == Some(0) {
             assert_ne!(cur, before, "iteration {i}: maintain succeeded but current did not move");
         }
+        // gc cleans up whatever the killed transaction left (a killed health check's record too)
+        env.admin(&["image", "gc", IMAGE]).assert_ok();
+        assert_no_orphans(&env, 1, &[], false);
         // it boots and the machine sees the same tree
         let seen = boot_and_read_marker(&env);
         assert_eq!(seen, m.as_deref().map(str::trim).unwrap_or("none"), "iteration {i}");
-        // gc cleans up whatever the killed transaction left
-        env.admin(&["image", "gc", IMAGE]).assert_ok();
-        assert_no_orphans(&env, 1, &[], false);
     }
     eprintln!("{killed_midway} of 10 maintains were killed before they finished");
     // the store still takes a transaction (no stale lock)

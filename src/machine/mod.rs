@@ -49,7 +49,8 @@ pub struct MachineSpec<'s> {
     /// The machine must not outlive the process that starts it (a health check's machine; a
     /// job's outlives its prepare stage). Plain hosts give nspawn SIGTERM when that process
     /// dies; a systemd unit cannot be tied to a process, so such a caller also gives it a
-    /// `RuntimeMaxSec=` property.
+    /// `RuntimeMaxSec=` property. Either way nspawn then SIGKILLs the machine rather than
+    /// powering it off, which a machine still booting would ignore.
     pub dies_with_caller: bool,
 }
 
@@ -104,7 +105,10 @@ fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
         (JobRoot::Overlay, Some(_)) => (spawn::overlay_root(&job_dir), BootRoot::Directory),
         (JobRoot::Volatile, _) => (spec.tree.clone(), BootRoot::Volatile),
     };
-    let nspawn = Nspawn::boot(&spec.machine, &tree, root, register).binds(&spec.binds);
+    let mut nspawn = Nspawn::boot(&spec.machine, &tree, root, register).binds(&spec.binds);
+    if spec.dies_with_caller {
+        nspawn = nspawn.killed_at_stop();
+    }
     match spec.uid_base {
         Some(base) => nspawn.private_users(base, matches!(root, BootRoot::Ephemeral | BootRoot::Volatile)).into_args(),
         None => nspawn.into_args(),
