@@ -14,7 +14,10 @@ both_stores! {
     smoke_script_and_opting_out;
 }
 
-const CHECK_LOG: &str = ".check.log";
+/// The log of the image's last failed check, beside its directory.
+fn check_log(env: &TestEnv) -> PathBuf {
+    env.root.join(format!(".check-{IMAGE}.log"))
+}
 
 /// Replaces systemd with a program that exits at once: the tree cannot boot.
 const BREAK_INIT: &str = "printf '#!/bin/sh\\nexit 1\\n' > /usr/lib/systemd/systemd";
@@ -28,7 +31,7 @@ fn maintain(env: &TestEnv, shell: &str) -> Out {
 #[track_caller]
 fn assert_refused(env: &TestEnv, out: &Out, snap: &str, entries: &[String], what: &str) {
     out.assert_code(1);
-    let log = env.image_dir(IMAGE).join(CHECK_LOG);
+    let log = check_log(env);
     let last = out.stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("nspawn-runner: ") && last.contains(&format!("log: {}", log.display())) && last.contains(what),
@@ -38,8 +41,7 @@ fn assert_refused(env: &TestEnv, out: &Out, snap: &str, entries: &[String], what
     );
     assert!(log.is_file(), "the check's log {} is missing", log.display());
     assert_eq!(env.current(IMAGE).as_deref(), Some(snap), "a refused commit moved current");
-    let mut after = env.entries(IMAGE);
-    after.retain(|e| e != CHECK_LOG);
+    let after = env.entries(IMAGE);
     assert_eq!(after, entries, "the refused transaction left something in the image dir");
     assert_check_left_nothing(env);
 }
@@ -84,7 +86,7 @@ fn broken_trees_are_not_committed(kind: StoreKind) {
     // systemd starts, but into rescue mode: `maintenance`, neither running nor degraded.
     let out = maintain(&env, "systemctl set-default rescue.target");
     assert_refused(&env, &out, &s1, &entries, "systemd is maintenance, not running or degraded");
-    let log = fs::read_to_string(env.image_dir(IMAGE).join(CHECK_LOG)).unwrap();
+    let log = fs::read_to_string(check_log(&env)).unwrap();
     assert!(log.contains("systemd is maintenance"), "the log lacks the check's output:\n{log}");
     // Jobs need git.
     let out = maintain(&env, "rm /usr/bin/git");
@@ -92,7 +94,7 @@ fn broken_trees_are_not_committed(kind: StoreKind) {
     // A harmless maintenance commits, and the log of the failures goes.
     maintain(&env, "echo v2 > /etc/marker").assert_ok();
     assert_ne!(env.current(IMAGE).unwrap(), s1);
-    assert!(!env.image_dir(IMAGE).join(CHECK_LOG).exists(), "a passing check left the log of a failed one");
+    assert!(!check_log(&env).exists(), "a passing check left the log of a failed one");
     assert_check_left_nothing(&env);
     let out = env.job().run_whole_job("cat /etc/marker; git --version");
     assert!(out.stdout.contains("v2"), "{}", out.describe());
@@ -110,7 +112,7 @@ fn smoke_script_and_opting_out(kind: StoreKind) {
         .unwrap();
     let out = maintain(&env, "true");
     assert_refused(&env, &out, &s1, &entries, &format!("{} exited with 7", smoke.display()));
-    let log = fs::read_to_string(env.image_dir(IMAGE).join(CHECK_LOG)).unwrap();
+    let log = fs::read_to_string(check_log(&env)).unwrap();
     assert!(log.contains("smoke on run-check-"), "the smoke script's output is not in the log:\n{log}");
     maintain(&env, "echo v2 > /etc/marker").assert_ok();
     let s2 = env.current(IMAGE).unwrap();
@@ -141,4 +143,8 @@ fn smoke_script_and_opting_out(kind: StoreKind) {
     let out = env.job().run_whole_job("cat /etc/marker");
     assert!(out.stdout.contains("v2"), "{}", out.describe());
     assert_check_left_nothing(&env);
+    // The log of the last failed check goes with the image.
+    assert!(check_log(&env).is_file());
+    env.admin(&["image", "remove", IMAGE]).assert_ok();
+    assert!(!check_log(&env).exists(), "image remove left {}", check_log(&env).display());
 }

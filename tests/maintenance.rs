@@ -54,9 +54,8 @@ fn subvolumes_below(env: &TestEnv, dir: &Path) -> Vec<String> {
 }
 
 /// After gc: ROOT/NAME holds `current`, lock files (`.lock`; the binary also keeps a `.pin.lock`), the
-/// current snapshot and at most `keep` more snapshots (plus `leased` ones), perhaps the log of a health
-/// check that failed or was killed (`.check.log`), nothing else (no .tx-*, no orphans; no .#machine.*
-/// unless `jobs_running`), and on btrfs no subvolume besides those snapshots.
+/// current snapshot and at most `keep` more snapshots (plus `leased` ones), nothing else (no .tx-*, no
+/// orphans; no .#machine.* unless `jobs_running`), and on btrfs no subvolume besides those snapshots.
 #[track_caller]
 fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: bool) {
     let cur = env.current(IMAGE).expect("a valid current");
@@ -69,7 +68,7 @@ fn assert_no_orphans(env: &TestEnv, keep: usize, leased: &[&str], jobs_running: 
     let is_machine = |e: &str| jobs_running && e.starts_with(".#machine.");
     for e in &entries {
         assert!(
-            e == "current" || e == ".check.log" || is_lock(e) || is_machine(e) || is_snapshot_name(e),
+            e == "current" || is_lock(e) || is_machine(e) || is_snapshot_name(e),
             "unexpected entry {e:?} in {} after gc: {entries:?}",
             env.image_dir(IMAGE).display()
         );

@@ -6,21 +6,26 @@ use crate::jobs::env::JobEnv;
 use crate::jobs::state::{JobState, Phase, StateDir};
 use crate::jobs::JobContext;
 use crate::machine::{self, Host, MachineSpec, Running, ScriptOutcome};
-use crate::names::{JobId, SnapshotName};
+use crate::names::{ImageName, JobId, SnapshotName};
 use crate::settings::{ImageSettings, Settings};
 use crate::stages::cleanup::clean_job;
 use crate::stages::prepare::{free_uid_base, job_binds, JobPlan};
 use crate::store::backend::JobRoot;
 use crate::store::remove_if_present;
 use crate::store::transaction::Transaction;
+use crate::store::Store;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
-/// The log of the last failed check, in the image's directory: no snapshot, so gc and `image
-/// list` leave it alone, and it goes with the image. A passing check removes it.
-pub const CHECK_LOG: &str = ".check.log";
+/// The log of the last failed check of `image`: `.check-<image>.log` in the store's root, beside
+/// the image directory rather than in it, so that it outlives a failed creation, which deletes
+/// that. No image, snapshot or job directory: gc and `image list` leave it alone; a passing check
+/// and `image remove` delete it.
+pub fn log_path(store: &Store, image: &ImageName) -> PathBuf {
+    store.root().join(format!(".check-{image}.log"))
+}
 /// Marks the lines of the check script that say what failed.
 const MARK: &str = "nspawn-runner-check:";
 /// Exit codes of the check script.
@@ -40,7 +45,7 @@ fn check(settings: &Settings, tx: &Transaction) -> Result<()> {
         log::info!("image {}: health check skipped (check=false)", image.name());
         return Ok(());
     }
-    let log = image.dir().join(CHECK_LOG);
+    let log = log_path(image.store(), image.name());
     let smoke = settings.config_dir.join(format!("{}.check", image.name()));
     let smoke = smoke.is_file().then_some(smoke);
     let ctx = JobContext {
@@ -193,13 +198,19 @@ fn run_checks(ctx: &JobContext, running: &Running, log: &Path, smoke: Option<&Pa
         ScriptOutcome::Exited(code) => return Err(Error::new(format!("the check script exited with {code}"))),
         ScriptOutcome::Terminated => return Err(Error::new("interrupted")),
     }
-    let Some(smoke) = smoke else { return Ok(()) };
-    log::info!("running the smoke script {}", smoke.display());
-    match run_logged(ctx, running, smoke, log)? {
-        ScriptOutcome::Exited(0) => Ok(()),
-        ScriptOutcome::Exited(code) => Err(Error::new(format!("{} exited with {code}", smoke.display()))),
-        ScriptOutcome::Terminated => Err(Error::new("interrupted")),
+    if let Some(smoke) = smoke {
+        log::info!("running the smoke script {}", smoke.display());
+        match run_logged(ctx, running, smoke, log)? {
+            ScriptOutcome::Exited(0) => {}
+            ScriptOutcome::Exited(code) => return Err(Error::new(format!("{} exited with {code}", smoke.display()))),
+            ScriptOutcome::Terminated => return Err(Error::new("interrupted")),
+        }
     }
+    // Asked to stop meanwhile: nothing is committed.
+    if crate::signals::stop_requested() {
+        return Err(Error::new("interrupted"));
+    }
+    Ok(())
 }
 
 /// `run_script` with its stdout and stderr (ours, which it passes on) appended to `log`.

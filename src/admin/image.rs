@@ -303,6 +303,7 @@ fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
         store.backend().delete(&image.dir().join(entry_name))?;
     }
     std::fs::remove_dir_all(image.dir()).with_context(|| format!("removing {}", image.dir().display()))?;
+    crate::store::remove_if_present(&super::check::log_path(&store, name))?;
     println!("image {name} removed");
     Ok(())
 }
