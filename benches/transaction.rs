@@ -4,7 +4,7 @@
 //! larger, on a loop-mounted btrfs store and a plain (ext4) store, next to `cp -a` of the same
 //! trees. Run with `cargo bench --bench transaction` as root. Those transactions skip the health
 //! check (NSPAWN_RUNNER_CHECK=false); what the check adds to a commit (booting the new tree as a
-//! job machine, its checks, its poweroff) is measured beside them on the small image, in the same
+//! job machine, its checks, its stop) is measured beside them on the small image, in the same
 //! runs: `image maintain small --` with the check, min(BENCH_RUNS, 3) times per store.
 //!
 //! Run counts (each row prints its n): BENCH_RUNS (default 5) for everything on btrfs but `cp -a`
