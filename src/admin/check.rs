@@ -215,12 +215,7 @@ fn run_checks(ctx: &JobContext, running: &Running, log: &Path, smoke: Option<&Pa
 
 /// `run_script` with its stdout and stderr (ours, which it passes on) appended to `log`.
 fn run_logged(ctx: &JobContext, running: &Running, script: &Path, log: &Path) -> Result<ScriptOutcome> {
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let _redirected = Redirected::to(&log_file)?;
+    let _redirected = Redirected::to(&open_log(log)?)?;
     machine::run_script(running, script, &ctx.states.seccomp_path(&ctx.job), ctx.settings.stop_timeout())
 }
 
@@ -273,13 +268,17 @@ fn fd_path(file: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
-fn append(log: &Path, text: &str) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new()
+/// The log, for appending (nspawn may still write its console output to it).
+fn open_log(log: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    file.write_all(text.as_bytes()).with_context(|| format!("writing {}", log.display()))
+        .with_context(|| format!("opening {}", log.display()))
+}
+
+fn append(log: &Path, text: &str) -> Result<()> {
+    open_log(log)?.write_all(text.as_bytes()).with_context(|| format!("writing {}", log.display()))
 }
 
 /// The last line the check script marked, as one short printable line (it comes from the machine).

@@ -71,8 +71,8 @@ fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Re
     }
 }
 
-/// How the job's machine is made, from the settings and the image's settings, decided before
-/// anything is written.
+/// How the job's machine (or a health check's, which must be the same) is made, from the
+/// settings and the image's settings, decided before anything is written.
 pub(crate) struct JobPlan {
     pub root: JobRoot,
     /// The image's own read-only binds.
