@@ -2,7 +2,10 @@
 //! unchanged snapshot (snapshot + syncfs + rename + switch of `current` + gc of the old snapshot
 //! with NSPAWN_RUNNER_KEEP=0), for a small image (bookworm minbase) and one about ten times
 //! larger, on a loop-mounted btrfs store and a plain (ext4) store, next to `cp -a` of the same
-//! trees. Run with `cargo bench --bench transaction` as root.
+//! trees. Run with `cargo bench --bench transaction` as root. Those transactions skip the health
+//! check (NSPAWN_RUNNER_CHECK=false); what the check adds to a commit (booting the new tree as a
+//! job machine, its checks, its stop) is measured beside them on the small image, in the same
+//! runs: `image maintain small --` with the check, min(BENCH_RUNS, 3) times per store.
 //!
 //! Run counts (each row prints its n): BENCH_RUNS (default 5) for everything on btrfs but `cp -a`
 //! of the large tree; min(BENCH_RUNS, 3) for the small image on the plain store; BENCH_SLOW_RUNS
@@ -34,6 +37,8 @@ struct Store {
 #[derive(Default)]
 struct Figures {
     maintain: Vec<Duration>,
+    /// The same transaction with the health check (small image only).
+    checked: Vec<Duration>,
     cp: Vec<Duration>,
     cp_sync: Vec<Duration>,
     /// btrfs only: `btrfs subvolume snapshot` + `sync -f` + `btrfs subvolume delete` by hand,
@@ -50,6 +55,7 @@ struct Figures {
 #[derive(Clone, Copy)]
 struct Counts {
     maintain: usize,
+    checked: usize,
     cp: usize,
     raw: usize,
 }
@@ -61,9 +67,16 @@ fn main() {
     let runs = var("BENCH_RUNS", 5);
     let slow = var("BENCH_SLOW_RUNS", 1);
     // [store][image]: btrfs small, btrfs large, plain small, plain large.
+    let checked = runs.min(3);
     let counts = [
-        [Counts { maintain: runs, cp: runs, raw: runs }, Counts { maintain: runs, cp: slow, raw: runs }],
-        [Counts { maintain: runs.min(3), cp: runs.min(3), raw: 0 }, Counts { maintain: slow, cp: slow, raw: 0 }],
+        [
+            Counts { maintain: runs, checked, cp: runs, raw: runs },
+            Counts { maintain: runs, checked: 0, cp: slow, raw: runs },
+        ],
+        [
+            Counts { maintain: runs.min(3), checked, cp: runs.min(3), raw: 0 },
+            Counts { maintain: slow, checked: 0, cp: slow, raw: 0 },
+        ],
     ];
     let started = Instant::now();
     let work = work_dir("transaction");
@@ -105,21 +118,21 @@ fn main() {
             // store a transaction is a full copy, dominated by I/O: none.
             for store in stores.iter().filter(|s| s.btrfs) {
                 for image in images {
-                    maintain(&env, store, image);
+                    maintain(&env, store, image, false);
                 }
             }
-            let most = counts.iter().flatten().map(|c| c.maintain.max(c.cp).max(c.raw)).max().unwrap();
+            let most = counts.iter().flatten().map(|c| c.maintain.max(c.checked).max(c.cp).max(c.raw)).max().unwrap();
             for run in 0..most {
                 for (s, store) in stores.iter().enumerate() {
                     for (i, image) in images.iter().enumerate() {
                         let (f, n) = (&mut figures[s][i], counts[s][i]);
                         // Alternate the order so drift in the host's load hits both alike.
                         let maintain_first = run % 2 == 0;
-                        if run < n.maintain.max(n.cp).max(n.raw) {
+                        if run < n.maintain.max(n.checked).max(n.cp).max(n.raw) {
                             eprintln!("run {}: {} {image}", run + 1, store.kind);
                         }
                         let measure = |f: &mut Figures| {
-                            let (elapsed, cleaner) = maintain(&env, store, image);
+                            let (elapsed, cleaner) = maintain(&env, store, image, false);
                             f.maintain.push(elapsed);
                             f.cleaner.extend(cleaner);
                         };
@@ -134,6 +147,9 @@ fn main() {
                         }
                         if run < n.raw {
                             raw_btrfs(store, image, f);
+                        }
+                        if run < n.checked {
+                            f.checked.push(maintain(&env, store, image, true).0);
                         }
                     }
                 }
@@ -202,7 +218,8 @@ fn command(env: &Env, store: &Store) -> Command {
         .env("NSPAWN_RUNNER_ROOT", &store.root)
         .env("NSPAWN_RUNNER_STATE_DIR", &env.state)
         .env("NSPAWN_RUNNER_CONFIG_DIR", &env.config)
-        .env("NSPAWN_RUNNER_KEEP", "0");
+        .env("NSPAWN_RUNNER_KEEP", "0")
+        .env("NSPAWN_RUNNER_CHECK", "false");
     c
 }
 
@@ -230,12 +247,13 @@ fn snapshots(store: &Store, image: &str) -> Vec<String> {
         .collect()
 }
 
-/// One `image maintain NAME --`, timed from spawn to exit; checks it switched and collected.
-/// Also the time the btrfs cleaner needed afterwards (untimed for the transaction).
-fn maintain(env: &Env, store: &Store, image: &str) -> (Duration, Option<Duration>) {
+/// One `image maintain NAME --` (with the health check if `checked`), timed from spawn to exit;
+/// checks it switched and collected. Also the time the btrfs cleaner needed afterwards (untimed
+/// for the transaction).
+fn maintain(env: &Env, store: &Store, image: &str, checked: bool) -> (Duration, Option<Duration>) {
     let before = current(store, image);
     let mut c = command(env, store);
-    c.args(["image", "maintain", image, "--"]);
+    c.args(["image", "maintain", image, "--"]).env("NSPAWN_RUNNER_CHECK", checked.to_string());
     let (out, elapsed) = timed(|| c.output().unwrap());
     assert!(
         out.status.success(),
@@ -332,6 +350,16 @@ fn report(store: &Store, figs: &[Figures]) {
             fmt(*v.iter().max().unwrap())
         );
     }
+    let (plain, checked) = (median(&small.maintain), median(&small.checked));
+    println!(
+        "  health check: small maintain with it {} (n={}, range {}..{}), without {}: the check costs {:+.0} ms per commit",
+        fmt(checked),
+        small.checked.len(),
+        fmt(*small.checked.iter().min().unwrap()),
+        fmt(*small.checked.iter().max().unwrap()),
+        fmt(plain),
+        ms(checked) - ms(plain)
+    );
     if store.btrfs {
         let (s, l) = (median(&small.maintain), median(&large.maintain));
         let worst = s.max(l);

@@ -89,6 +89,10 @@ pub struct Settings {
     /// Log filter (`debug`, `info`, `warn`, `error`); unset: warn for stages, info for commands.
     #[serde(default)]
     pub log: Option<String>,
+    /// Boot a transaction's tree and check it before it commits (`false`: never; an image's
+    /// `check=false` skips only that image).
+    #[serde(default = "default_check")]
+    pub check: bool,
 }
 
 fn default_root() -> PathBuf {
@@ -127,6 +131,10 @@ fn default_keep() -> usize {
 /// 6 h: above gitlab-runner's default job timeout (1 h) and a generous project's.
 fn default_max_job_age() -> u64 {
     6 * 3600
+}
+
+fn default_check() -> bool {
+    true
 }
 
 /// Where the cache dir appears inside every machine.
@@ -387,9 +395,17 @@ pub struct ImageSettings {
     /// Opts the image out of the job containment (`true`/`false`).
     #[serde(default)]
     pub privileged: bool,
+    /// `false`: commits of the image skip the health check (a tree not meant to boot).
+    #[serde(default)]
+    pub check: Option<bool>,
 }
 
 impl ImageSettings {
+    /// True unless the image opts out of the health check before commits.
+    pub fn checked(&self) -> bool {
+        self.check != Some(false)
+    }
+
     /// The settings of `image` from `config_dir`; no file means the defaults.
     pub fn load(config_dir: &Path, image: &ImageName) -> Result<ImageSettings> {
         let path = config_dir.join(format!("{image}.conf"));
@@ -593,6 +609,8 @@ mod tests {
         assert_eq!(s.keep, 1);
         assert_eq!(s.systemd, SystemdMode::Auto);
         assert_eq!(s.max_job_age(), Some(Duration::from_secs(21600)));
+        assert!(s.check, "commits are health-checked unless told otherwise");
+        assert!(!settings(&[("NSPAWN_RUNNER_CHECK", "false")]).unwrap().check);
         assert!(s.unit_properties(&ImageSettings::default()).is_empty());
     }
 
@@ -730,6 +748,11 @@ mod tests {
         );
         assert_eq!(s.summary(), "memory_max=2G root=volatile binds=/usr/share:/host/share /etc privileged=true");
         assert_eq!(ImageSettings::default().summary(), "");
+        assert!(s.checked() && ImageSettings::default().checked());
+        let unchecked = ImageSettings::parse(path, "check=false\n").unwrap();
+        assert!(!unchecked.checked());
+        assert_eq!(unchecked.summary(), "check=false");
+        assert!(ImageSettings::parse(path, "check=maybe\n").is_err());
         let e = ImageSettings::parse(path, "memory_max=1G\nmemorymax=2G\n").unwrap_err().to_string();
         assert!(e.contains("img.conf:2") && e.contains("memory_max"), "{e}");
         assert!(ImageSettings::parse(path, "root=tmpfs\n").is_err());

@@ -361,6 +361,10 @@ fn crash_safety_kill9(kind: StoreKind) {
         r.kill_group(libc::SIGKILL);
         let gone = wait_until(Duration::from_secs(30), || group_members(pid).iter().all(|p| *p == pid));
         assert!(gone, "iteration {i}: children of the killed maintain survive SIGKILL for 30 s");
+        // The health check's machine runs in a session of its own, like a job's, and dies with the
+        // maintain that started it: nspawn gets SIGTERM and kills it.
+        let machine_gone = wait_until(Duration::from_secs(30), || processes_using(&env.store_dir).is_empty());
+        assert!(machine_gone, "iteration {i}: the killed maintain's check machine survives it for 30 s");
         let out = r.wait(Duration::from_secs(30));
         eprintln!(
             "iteration {i}: killed after {delay:?}: {:?} {:?}; its process group was gone {:?} later",
@@ -389,12 +393,12 @@ fn crash_safety_kill9(kind: StoreKind) {
         if out.code == Some(0) {
             assert_ne!(cur, before, "iteration {i}: maintain succeeded but current did not move");
         }
+        // gc cleans up whatever the killed transaction left (a killed health check's record too)
+        env.admin(&["image", "gc", IMAGE]).assert_ok();
+        assert_no_orphans(&env, 1, &[], false);
         // it boots and the machine sees the same tree
         let seen = boot_and_read_marker(&env);
         assert_eq!(seen, m.as_deref().map(str::trim).unwrap_or("none"), "iteration {i}");
-        // gc cleans up whatever the killed transaction left
-        env.admin(&["image", "gc", IMAGE]).assert_ok();
-        assert_no_orphans(&env, 1, &[], false);
     }
     eprintln!("{killed_midway} of 10 maintains were killed before they finished");
     // the store still takes a transaction (no stale lock)

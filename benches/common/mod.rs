@@ -91,25 +91,25 @@ pub fn sh_quiet(args: &[&str]) -> bool {
 mod flock;
 pub use flock::FileLock;
 
-/// The bookworm minbase(+systemd,dbus) tarball: the tests' one if present, else made once with
+/// The bookworm minbase(+systemd,dbus,git: what the health check of a commit wants) tarball: the tests' one if present, else made once with
 /// mmdebstrap under target/bench/.
 pub fn bookworm_tar() -> PathBuf {
     let shared = target_dir().join("nspawn-runner-test");
-    let tar = shared.join("bookworm.tar");
+    let tar = shared.join("bookworm-git.tar");
     if shared.is_dir() {
         // Wait for a test binary that may be making it right now.
-        let _lock = FileLock::exclusive(&shared.join(".bookworm.tar.lock"));
+        let _lock = FileLock::exclusive(&shared.join(".bookworm-git.tar.lock"));
         if tar.is_file() && fs::metadata(&tar).map(|m| m.len() > 10 << 20).unwrap_or(false) {
             return tar;
         }
     }
     let base = bench_base();
-    let tar = base.join("bookworm.tar");
-    let _lock = FileLock::exclusive(&base.join(".bookworm.tar.lock"));
+    let tar = base.join("bookworm-git.tar");
+    let _lock = FileLock::exclusive(&base.join(".bookworm-git.tar.lock"));
     if !tar.is_file() {
         eprintln!("making {} with mmdebstrap (once)...", tar.display());
-        let tmp = base.join(format!(".bookworm.tar.{}", std::process::id()));
-        sh(&["mmdebstrap", "--variant=minbase", "--include=systemd,dbus", "bookworm", tmp.to_str().unwrap()]);
+        let tmp = base.join(format!(".bookworm-git.tar.{}", std::process::id()));
+        sh(&["mmdebstrap", "--variant=minbase", "--include=systemd,dbus,git", "bookworm", tmp.to_str().unwrap()]);
         fs::rename(&tmp, &tar).unwrap();
     }
     tar

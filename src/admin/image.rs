@@ -1,6 +1,7 @@
 //! `nspawn-runner image ...`: create, import, list, login, rollback, gc, remove, adopt.
 
 use super::build::{bootstrap, collect, make_bootable, new_image_dir, suite_for};
+use super::check::commit_checked;
 use super::maintain;
 use crate::admin::format_age;
 use crate::cli::ImageSub;
@@ -47,7 +48,7 @@ fn create(settings: &Settings, name: &ImageName, suite: &str, mirror: Option<&st
         let tx = Transaction::begin(&image, Base::Empty)?;
         bootstrap(tx.tree(), suite, mirror, extra)?;
         maintain::run_configured_steps(settings, &tx, false)?;
-        tx.commit()
+        commit_checked(settings, tx)
     })();
     finish_new_image(&image, result)
 }
@@ -235,7 +236,7 @@ fn login(settings: &Settings, name: &ImageName, discard: bool) -> Result<()> {
         println!("image {name}: changes discarded ({})", if discard { "--discard" } else { "shell failed" });
         return Ok(());
     }
-    let snapshot = tx.commit()?;
+    let snapshot = commit_checked(settings, tx).map_err(|e| e.context(format!("image {name}: changes discarded")))?;
     println!("image {name}: committed snapshot {snapshot}");
     collect(settings, &image)
 }
@@ -332,6 +333,7 @@ fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
         store.backend().delete(&image.dir().join(entry_name))?;
     }
     std::fs::remove_dir_all(image.dir()).with_context(|| format!("removing {}", image.dir().display()))?;
+    crate::store::remove_if_present(&super::check::log_path(&store, name))?;
     println!("image {name} removed");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `image maintain`: hooks, a playbook, a script or a command run in a new snapshot, then commit.
 
 use super::build::{bootstrap, collect, new_image_dir, suite_for};
+use super::check::commit_checked;
 use crate::cli::ImageMaintain;
 use crate::error::{Context, Error, Result};
 use crate::machine::chroot::{run_in_tree_checked, TreeCommand};
@@ -127,7 +128,7 @@ fn maintain_one(settings: &Settings, name: &ImageName, work: &Work) -> Result<()
             Work::Configured => run_configured_steps(settings, &tx, rebuild_suite.is_none())?,
             Work::Nothing => {}
         }
-        tx.commit()
+        commit_checked(settings, tx)
     })();
     match result {
         Ok(snapshot) => {

@@ -1,6 +1,7 @@
 //! Admin commands besides images: stage symlinks, job status, the config.toml snippet.
 
 mod build;
+mod check;
 pub mod image;
 mod maintain;
 

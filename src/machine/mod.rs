@@ -50,6 +50,12 @@ pub struct MachineSpec<'s> {
     pub ready_timeout: Duration,
     /// How long a poweroff may take before the machine is killed.
     pub stop_timeout: Duration,
+    /// The machine must not outlive the process that starts it (a health check's machine; a
+    /// job's outlives its prepare stage). Plain hosts give nspawn SIGTERM when that process
+    /// dies; a systemd unit cannot be tied to a process, so such a caller also gives it a
+    /// `RuntimeMaxSec=` property. Either way nspawn then SIGKILLs the machine rather than
+    /// powering it off, which a machine still booting would ignore.
+    pub dies_with_caller: bool,
 }
 
 /// Saves the job's record with the machine as far as it is known.
@@ -109,7 +115,10 @@ fn nspawn_args(spec: &MachineSpec, register: bool) -> Vec<String> {
         (JobRoot::Overlay, Some(_)) => (spawn::overlay_root(&job_dir), BootRoot::Directory),
         (JobRoot::Volatile, _) => (spec.tree.clone(), BootRoot::Volatile),
     };
-    let nspawn = Nspawn::boot(&spec.machine, &tree, root, register).binds(&spec.binds);
+    let mut nspawn = Nspawn::boot(&spec.machine, &tree, root, register).binds(&spec.binds);
+    if spec.dies_with_caller {
+        nspawn = nspawn.killed_at_stop();
+    }
     match spec.uid_base {
         Some(base) => nspawn.private_users(base, matches!(root, BootRoot::Ephemeral | BootRoot::Volatile)).into_args(),
         None => nspawn.into_args(),
@@ -250,6 +259,7 @@ mod tests {
             log: "/run/x.log".into(),
             ready_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
+            dies_with_caller: false,
         };
         nspawn_args(&spec, register)
     }

@@ -97,6 +97,16 @@ impl Nspawn {
         }
     }
 
+    /// SIGKILL instead of the poweroff signal when nspawn is told to stop: an init still booting
+    /// has no handler for the poweroff signal and would ignore it, which a machine that must die
+    /// with the process that started it (a health check's) cannot afford.
+    pub fn killed_at_stop(mut self) -> Nspawn {
+        for arg in self.args.iter_mut().filter(|a| a.starts_with("--kill-signal=")) {
+            *arg = "--kill-signal=SIGKILL".to_owned();
+        }
+        self
+    }
+
     /// Root of the machine is uid `base` of the host, in a user namespace of 65536 ids.
     /// `map`: nspawn idmaps the root tree itself (ephemeral btrfs copies); otherwise the tree
     /// already shows the range's ownership (the spawn wrapper's idmapped overlay).
@@ -174,5 +184,16 @@ mod tests {
         let args = Nspawn::boot("run-1", Path::new("/s/1_2"), BootRoot::Overlay { upper }, false).into_args();
         assert!(args.contains(&"--overlay=/s/1_2:/jobs/a\\:b/upper:/".to_owned()), "{args:?}");
         assert!(!args.contains(&"--ephemeral".to_owned()));
+    }
+
+    #[test]
+    fn machines_that_die_with_their_caller_are_killed_not_powered_off() {
+        let boot = || Nspawn::boot("run-1", Path::new("/s/1_2"), BootRoot::Ephemeral, false);
+        assert!(boot().into_args().contains(&"--kill-signal=SIGRTMIN+14".to_owned()));
+        let args = boot().killed_at_stop().into_args();
+        assert_eq!(
+            args.iter().filter(|a| a.starts_with("--kill-signal=")).collect::<Vec<_>>(),
+            ["--kill-signal=SIGKILL"]
+        );
     }
 }

@@ -81,6 +81,9 @@ fn start_in(
             nix::unistd::setsid().map(drop).map_err(std::io::Error::from)
         });
     }
+    if spec.dies_with_caller {
+        crate::signals::terminate_with_parent(&mut command);
+    }
     let mut child = command.spawn().context("starting systemd-nspawn")?;
     let nspawn_pid = child.id() as i32;
     let mut gate = child.stdin.take();
@@ -229,7 +232,14 @@ const LOG_RESERVE: i64 = 256 * 1024;
 fn create_log(path: &Path) -> Result<std::fs::File> {
     use nix::fcntl::{fallocate, FallocateFlags};
     use std::os::fd::AsRawFd;
-    let log = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    // Appending, to a new file: a health check adds its own lines to the same log while nspawn
+    // still writes.
+    crate::store::remove_if_present(path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     match fallocate(log.as_raw_fd(), FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, LOG_RESERVE) {
         // A file system that cannot reserve (EOPNOTSUPP) gets its chance with the writes.
         Ok(()) | Err(nix::Error::EOPNOTSUPP) => Ok(log),

@@ -71,22 +71,27 @@ fn clean_earlier_attempt(ctx: &JobContext, store: &Store, host: &dyn Host) -> Re
     }
 }
 
-/// How the job's machine is made, from the settings and the image's settings, decided before
-/// anything is written.
-struct JobPlan {
-    root: JobRoot,
+/// How the job's machine (or a health check's, which must be the same) is made, from the
+/// settings and the image's settings, decided before anything is written.
+pub(crate) struct JobPlan {
+    pub root: JobRoot,
     /// The image's own read-only binds.
-    image_binds: Vec<Bind>,
-    properties: Vec<String>,
-    limits: cgroup::Limits,
+    pub image_binds: Vec<Bind>,
+    pub properties: Vec<String>,
+    pub limits: cgroup::Limits,
     /// No user namespace (the image's `privileged=true`).
-    privileged: bool,
+    pub privileged: bool,
     /// The GitLab project, whose cache the job sees at /cache.
     project: Option<u64>,
 }
 
 impl JobPlan {
-    fn new(settings: &Settings, store: &Store, image_name: &ImageName, project: Option<u64>) -> Result<JobPlan> {
+    pub(crate) fn new(
+        settings: &Settings,
+        store: &Store,
+        image_name: &ImageName,
+        project: Option<u64>,
+    ) -> Result<JobPlan> {
         let image = ImageSettings::load(&settings.config_dir, image_name)?;
         let image_binds = image.bind_list()?.into_iter().map(|(host, inside)| Bind::read_only(host, inside)).collect();
         let over = |own: &Option<String>, global: &Option<String>| own.clone().or_else(|| global.clone());
@@ -215,20 +220,9 @@ impl<'a> Attempt<'a> {
             log: self.ctx.states.log_path(&self.ctx.job),
             ready_timeout: settings.prepare_timeout(),
             stop_timeout: settings.stop_timeout(),
+            dies_with_caller: false,
         };
-        let mut machine = self.state.machine.clone();
-        let (states, state) = (&self.ctx.states, &mut self.state);
-        let started = self.host.start(&spec, &mut machine, &mut |machine| {
-            state.machine = machine.clone();
-            states.save(state)
-        });
-        // Also after a failure: the rollback stops whatever the host got to start.
-        self.state.machine = machine;
-        started?;
-        self.state.phase = Phase::Running;
-        self.ctx.states.save(&self.state)?;
-        let running = self.state.machine.running.as_ref().ok_or_else(|| Error::new("the host reported no machine"))?;
-        self.host.capture_seccomp(running, &self.ctx.states.seccomp_path(&self.ctx.job))
+        start_recorded(self.ctx, self.host, &mut self.state, &spec)
     }
 
     /// Every step succeeded: the job keeps its machine.
@@ -252,8 +246,30 @@ impl Drop for Attempt<'_> {
     }
 }
 
+/// Boots `spec` on `host`, saving `state` whenever the host has recorded more of the machine (the
+/// write-ahead) and once it runs, then captures its init's seccomp filters. Also after a failure
+/// `state` names whatever the host got to start, so that a rollback stops it.
+pub(crate) fn start_recorded(
+    ctx: &JobContext,
+    host: &dyn Host,
+    state: &mut JobState,
+    spec: &MachineSpec,
+) -> Result<()> {
+    let mut machine = state.machine.clone();
+    let started = host.start(spec, &mut machine, &mut |machine| {
+        state.machine = machine.clone();
+        ctx.states.save(state)
+    });
+    state.machine = machine;
+    started?;
+    state.phase = Phase::Running;
+    ctx.states.save(state)?;
+    let running = state.machine.running.as_ref().ok_or_else(|| Error::new("the host reported no machine"))?;
+    host.capture_seccomp(running, &ctx.states.seccomp_path(&ctx.job))
+}
+
 /// The lowest uid range no job on record holds (crashed jobs keep theirs until gc reaps them).
-fn free_uid_base(ctx: &JobContext) -> Result<u32> {
+pub(crate) fn free_uid_base(ctx: &JobContext) -> Result<u32> {
     let used: HashSet<u32> = ctx.states.all()?.iter().filter_map(|(state, _)| state.machine.uid_base).collect();
     idmap::pick_base(&used)
 }
@@ -261,7 +277,7 @@ fn free_uid_base(ctx: &JobContext) -> Result<u32> {
 /// What every job machine gets mounted: its project's cache dir, the host's gitlab-runner and
 /// step-runner where there are, and the image's own read-only binds; `idmap` (a machine in a
 /// user namespace) shows them with the host's ownership.
-fn job_binds(settings: &Settings, cache: Option<PathBuf>, image_binds: Vec<Bind>, idmap: bool) -> Vec<Bind> {
+pub(crate) fn job_binds(settings: &Settings, cache: Option<PathBuf>, image_binds: Vec<Bind>, idmap: bool) -> Vec<Bind> {
     let cache = cache.map(|dir| Bind::read_write(dir, CACHE_DIR_IN_MACHINE));
     let gitlab_runner = settings.gitlab_runner_binary().map(|binary| Bind::read_only(binary, GITLAB_RUNNER_IN_MACHINE));
     let step_runner = settings.step_runner_binary().map(|binary| Bind::read_only(binary, STEP_RUNNER_IN_MACHINE));

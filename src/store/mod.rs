@@ -451,11 +451,15 @@ pub fn job_dir_in(root: &Path, machine: &str) -> PathBuf {
     root.join(JOBS_DIR).join(machine)
 }
 
-/// True when `copy` is named like an nspawn copy of `snapshot` (`.#machine.<snapshot><random>`)
-/// and lies directly in the directory of `image` in the store at `root`.
+/// True when `copy` is named like an nspawn copy of `snapshot`, or of the transaction tree that
+/// becomes it (a health check boots that: `.#machine.[.tx-]<snapshot><random>`), and lies
+/// directly in the directory of `image` in the store at `root`.
 pub fn is_copy_of(copy: &Path, root: &Path, image: &ImageName, snapshot: &SnapshotName) -> bool {
-    let prefix = format!("{EPHEMERAL_PREFIX}{snapshot}");
-    let named = copy.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n != prefix);
+    let named = copy.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        [format!("{EPHEMERAL_PREFIX}{snapshot}"), format!("{EPHEMERAL_PREFIX}{PENDING_PREFIX}{snapshot}")]
+            .iter()
+            .any(|prefix| n.starts_with(prefix.as_str()) && n != prefix)
+    });
     named && copy.parent() == Some(root.join(image.as_str()).as_path())
 }
 
@@ -545,8 +549,11 @@ mod tests {
         let (image, snapshot) = (ImageName::parse("img").unwrap(), SnapshotName::new(1, 2));
         let root = Path::new("/s/root");
         assert!(is_copy_of(Path::new("/s/root/img/.#machine.1_2abc"), root, &image, &snapshot));
+        assert!(is_copy_of(Path::new("/s/root/img/.#machine..tx-1_2abc"), root, &image, &snapshot));
         for bad in [
             "/s/root/img/.#machine.1_2",
+            "/s/root/img/.#machine..tx-1_2",
+            "/s/root/img/.#machine..tx-3_4abc",
             "/s/root/img/.#machine.3_4abc",
             "/s/root/other/.#machine.1_2abc",
             "/s/root/img/../img/.#machine.1_2abc",

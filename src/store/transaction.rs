@@ -48,6 +48,11 @@ impl<'i> Transaction<'i> {
         &self.pending
     }
 
+    /// The snapshot name the tree gets when it commits.
+    pub fn name(&self) -> &SnapshotName {
+        &self.name
+    }
+
     pub fn image(&self) -> &Image<'i> {
         self.image
     }

@@ -336,20 +336,22 @@ fn sh_ok(args: &[&str]) -> bool {
 // ---------------------------------------------------------------------------------------------------
 // the base image
 
-/// target/nspawn-runner-test/bookworm.tar, built once (mmdebstrap, ~30 s) and reused by later runs.
+/// target/nspawn-runner-test/bookworm-git.tar, built once (mmdebstrap, ~30 s) and reused by later runs:
+/// minbase with systemd, dbus and git, what the health check before every commit wants of a tree (the
+/// name changed when git joined, so that an older cached tarball is not taken for it).
 pub fn base_tarball() -> PathBuf {
     static TAR: OnceLock<PathBuf> = OnceLock::new();
     TAR.get_or_init(|| {
         let base = test_base();
-        let tar = base.join("bookworm.tar");
-        let _lock = FileLock::exclusive(&base.join(".bookworm.tar.lock"));
+        let tar = base.join("bookworm-git.tar");
+        let _lock = FileLock::exclusive(&base.join(".bookworm-git.tar.lock"));
         if tar.is_file() {
             return tar;
         }
-        let tmp = base.join(format!(".bookworm-{}.tmp.tar", std::process::id()));
+        let tmp = base.join(format!(".bookworm-git-{}.tmp.tar", std::process::id()));
         eprintln!("building the base image {} with mmdebstrap (once)...", tar.display());
         let out = Command::new("mmdebstrap")
-            .args(["--quiet", "--format=tar", "--variant=minbase", "--include=systemd,dbus", "bookworm"])
+            .args(["--quiet", "--format=tar", "--variant=minbase", "--include=systemd,dbus,git", "bookworm"])
             .arg(&tmp)
             .stdin(Stdio::null())
             .output()
