@@ -234,18 +234,19 @@ fn a_job_naming_another_jobs_trees_cannot_keep_them(kind: StoreKind) {
         .flatten()
         .chain([job_dir.join("upper").display().to_string(), job_dir.display().to_string()])
         .collect();
-    // Processes that outlive the stage, named like B's trees and machine.
+    // Processes that outlive the stage (daemons of the machine's own systemd: what a script
+    // leaves in its own cgroup ends with its stage), named like B's trees and machine.
     let mut cmds = Vec::new();
     for tree in &trees {
         cmds.push(format!(
-            "setsid bash -c 'sleep 600; :' {} --machine={} </dev/null >/dev/null 2>&1 &",
+            "systemd-run --quiet --collect bash -c 'sleep 600; :' {} --machine={} </dev/null >/dev/null 2>&1",
             ansi_c_quote(tree),
             b.machine()
         ));
     }
     a.run("build_script", &a.get_sources_body(&cmds.join("\n"))).assert_ok();
     let named = || processes().into_iter().filter(|(_, argv)| argv.iter().any(|arg| trees.contains(arg))).count();
-    // setsid forks: the stage may end before the last of them runs bash.
+    // systemd starts them: the stage may end before the last of them runs bash.
     assert!(wait_until(CMD_TIMEOUT, || named() == trees.len()), "the job's processes naming B's trees do not run");
     b.cleanup().assert_ok();
     assert_nothing_left_of_job(&env, &b);
