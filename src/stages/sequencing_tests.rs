@@ -114,9 +114,9 @@ impl Host for FakeHost {
         let booting = machine.running.is_none() && machine.is_booting();
         record(&self.script, format!("stop {}{}", machine.name, if booting { " (booting)" } else { "" }))
     }
-    /// This process has no filter to read (and may not ptrace itself).
-    fn capture_seccomp(&self, _running: &Running, _path: &Path) -> Result<()> {
-        Ok(())
+    /// This process has no filter to read (and may not ptrace itself): only recorded.
+    fn capture_seccomp(&self, _running: &Running, path: &Path) -> Result<()> {
+        record(&self.script, format!("capture {}", path.file_name().unwrap_or_default().to_string_lossy()))
     }
 }
 
@@ -209,8 +209,8 @@ fn a_job_boots_then_cleanup_stops_it_and_deletes_what_it_left() {
         let state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
         assert_eq!(state.phase, Phase::Running);
         let job_dir = match root {
-            JobRoot::Overlay => vec!["delete run-1", "start run-1", "ready run-1"],
-            JobRoot::EphemeralSnapshot | JobRoot::Volatile => vec!["start run-1", "ready run-1"],
+            JobRoot::Overlay => vec!["delete run-1", "start run-1", "ready run-1", "capture 1.seccomp"],
+            JobRoot::EphemeralSnapshot | JobRoot::Volatile => vec!["start run-1", "ready run-1", "capture 1.seccomp"],
         };
         assert_eq!(world.calls(), job_dir);
         world.cleanup().unwrap();
@@ -228,7 +228,7 @@ fn a_job_boots_then_cleanup_stops_it_and_deletes_what_it_left() {
 #[test]
 fn a_failure_at_each_step_of_prepare_leaves_nothing_behind() {
     for root in BOTH {
-        for step in ["delete run-1", "start run-1", "ready run-1", "cache dir"] {
+        for step in ["delete run-1", "start run-1", "ready run-1", "capture 1.seccomp", "cache dir"] {
             if root == JobRoot::EphemeralSnapshot && step == "delete run-1" {
                 continue; // no job directory on such stores
             }
@@ -252,6 +252,24 @@ fn a_failure_at_each_step_of_prepare_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_cleanup_whose_stop_fails_keeps_the_record_and_the_next_one_finishes() {
+    for root in BOTH {
+        let world = World::new(&format!("stop-fails-{root:?}"), root);
+        world.prepare().unwrap();
+        world.calls();
+        world.fail("stop run-1");
+        assert!(world.cleanup().is_err());
+        assert_eq!(world.calls(), ["stop run-1"], "deleted what a machine that may still run uses");
+        let state =
+            world.ctx.states.load(&world.ctx.job).unwrap().expect("the record is gone: nothing can stop it now");
+        assert_eq!(state.phase, Phase::Stopping);
+        world.cleanup().unwrap();
+        assert_eq!(world.calls().first().map(String::as_str), Some("stop run-1"));
+        world.assert_nothing_left();
+    }
+}
+
+#[test]
 fn an_image_without_current_changes_nothing() {
     let world = World::new("no-current", JobRoot::Overlay);
     std::fs::remove_file(world.dir.join("root/img/current")).unwrap();
@@ -270,7 +288,7 @@ fn a_retry_cleans_up_the_earlier_attempt_first() {
         world.prepare().unwrap();
         let calls = world.calls();
         assert_eq!(calls.first().map(String::as_str), Some("stop run-1"), "{calls:?}");
-        assert_eq!(calls.last().map(String::as_str), Some("ready run-1"), "{calls:?}");
+        assert_eq!(calls.last().map(String::as_str), Some("capture 1.seccomp"), "{calls:?}");
         if let Some(copy) = first.machine.running.and_then(|r| r.ephemeral) {
             assert!(!copy.exists(), "the first attempt's copy {} is left", copy.display());
         }
@@ -303,7 +321,7 @@ fn image_settings_choose_the_job_root_and_bad_ones_change_nothing() {
     world.prepare().unwrap();
     assert_eq!(
         world.calls(),
-        ["delete run-1", "start run-1", "ready run-1"],
+        ["delete run-1", "start run-1", "ready run-1", "capture 1.seccomp"],
         "root=overlay makes a job dir on btrfs too"
     );
     let state = world.ctx.states.load(&world.ctx.job).unwrap().unwrap();
