@@ -9,7 +9,7 @@ pub mod nspawn;
 mod plain;
 mod privileges;
 mod running;
-mod seccomp;
+pub mod seccomp;
 pub mod spawn;
 mod systemd;
 
