@@ -5,7 +5,8 @@
 //! bookworm tarball; then BENCH_JOBS (default 5) jobs of 8 trivial stages, run through the stage
 //! symlinks exactly as gitlab-runner does (config, prepare, 8 x run, cleanup), interleaved with the
 //! same jobs done by hand (nspawn started detached + READY=1 on our own notify socket, nsenter per
-//! stage, SIGTERM + wait at cleanup). Run with `cargo bench --bench job_overhead` as root.
+//! stage under the machine's seccomp filters, SIGTERM + wait at cleanup; common/jobs.rs). Run with
+//! `cargo bench --bench job_overhead` as root.
 
 mod common;
 
