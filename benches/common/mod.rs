@@ -2,6 +2,8 @@
 //! btrfs, the bookworm tarball, running the built binary, medians and table printing.
 #![allow(dead_code)]
 
+pub mod jobs;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -10,7 +10,7 @@ mod plain;
 mod privileges;
 mod running;
 mod script_cgroup;
-mod seccomp;
+pub mod seccomp;
 pub mod spawn;
 mod systemd;
 

@@ -115,6 +115,16 @@ impl Nspawn {
             .option("--private-users-ownership", if map { "map" } else { "off" })
     }
 
+    /// `suppress == false` lets the machine's syncs through (`--suppress-sync=no`). Nothing in
+    /// production does: the real_job benchmark does, to measure what suppressing them saves.
+    pub fn suppress_sync(mut self, suppress: bool) -> Nspawn {
+        let value = format!("--suppress-sync={}", if suppress { "yes" } else { "no" });
+        for arg in self.args.iter_mut().filter(|arg| arg.starts_with("--suppress-sync=")) {
+            arg.clone_from(&value);
+        }
+        self
+    }
+
     /// `--name`.
     pub fn flag(mut self, name: &str) -> Nspawn {
         self.args.push(name.to_owned());
@@ -176,6 +186,15 @@ mod tests {
         let command = ["true".to_owned()];
         let args = Nspawn::new(Path::new("/t")).flag("--x").with_command(&command);
         assert_eq!(args, ["--quiet", "--directory=/t", "--suppress-sync=yes", "--x", "--", "true"]);
+    }
+
+    #[test]
+    fn syncs_can_be_let_through_without_a_second_option() {
+        let args = Nspawn::boot("run-1", Path::new("/t"), BootRoot::Ephemeral, false).suppress_sync(false).into_args();
+        let syncs: Vec<&String> = args.iter().filter(|a| a.starts_with("--suppress-sync")).collect();
+        assert_eq!(syncs, ["--suppress-sync=no"]);
+        let args = Nspawn::new(Path::new("/t")).suppress_sync(false).suppress_sync(true).into_args();
+        assert_eq!(args, ["--quiet", "--directory=/t", "--suppress-sync=yes"]);
     }
 
     #[test]
