@@ -179,6 +179,10 @@ fn run_in(
     seccomp: &Path,
     grace: Duration,
 ) -> Result<ScriptOutcome> {
+    // Entry::open makes our later children the machine's (its pid namespace): undone once bash
+    // is forked, so that a process running several scripts (a health check) forks the next
+    // script's guard on the host, where it sees its parent.
+    let own_pid_namespace = File::open("/proc/self/ns/pid").context("opening our pid namespace")?;
     let entry = Entry::open(running, seccomp, cgroup.dirs())?;
 
     // Block the stop signals before the child exists, so none is lost between fork and wait.
@@ -192,6 +196,10 @@ fn run_in(
     // bash reads the script from stdin; gitlab-runner's wrapper gives commands /dev/null.
     command.stdin(Stdio::from(script_file));
     let child = command.spawn();
+    if let Err(e) = setns(std::os::fd::AsFd::as_fd(&own_pid_namespace), CloneFlags::CLONE_NEWPID) {
+        // Only a later script of this process is affected, and its guard then fails visibly.
+        log::warn!("returning to our pid namespace: {e}");
+    }
     let child = match child {
         Ok(child) => child,
         Err(e) => {
