@@ -17,6 +17,12 @@ pub struct SystemdHost;
 /// out: they serve nspawn's --image=, which job machines do not use, and a job must not get them.
 const DEVICE_POLICY: [&str; 3] = ["DevicePolicy=closed", "DeviceAllow=/dev/net/tun rwm", "DeviceAllow=char-pts rw"];
 
+/// What a privileged image's machine gets on top: loop devices, the reason to make an image
+/// privileged, which a plain host (no device filter) does not refuse either. `m` because the
+/// machine's /dev has no loop nodes: the job makes them. block-blkext (in systemd-nspawn@.service
+/// for partitioned loop devices) stays out: its major also numbers the host's NVMe partitions.
+const PRIVILEGED_DEVICES: [&str; 2] = ["DeviceAllow=/dev/loop-control rwm", "DeviceAllow=block-loop rwm"];
+
 /// Runs a systemd tool with a clean environment, returning stdout; a failure carries its stderr.
 fn systemctl_like(program: &str, args: &[String]) -> Result<String> {
     let output = Command::new(program)
@@ -63,6 +69,9 @@ impl Host for SystemdHost {
             format!("--property=TimeoutStopSec={}", spec.stop_timeout.as_secs().max(1)),
         ];
         args.extend(DEVICE_POLICY.iter().map(|p| format!("--property={p}")));
+        if spec.uid_base.is_none() {
+            args.extend(PRIVILEGED_DEVICES.iter().map(|p| format!("--property={p}")));
+        }
         args.extend(spec.properties.iter().map(|p| format!("--property={p}")));
         // systemd places the unit in its cgroup: the wrapper only mounts the idmapped root.
         let (program, command) = launch_command(spec, true, Vec::new())?;
