@@ -70,6 +70,7 @@ impl Host for SystemdHost {
         ];
         args.extend(DEVICE_POLICY.iter().map(|p| format!("--property={p}")));
         if spec.uid_base.is_none() {
+            load_loop_driver();
             args.extend(PRIVILEGED_DEVICES.iter().map(|p| format!("--property={p}")));
         }
         args.extend(spec.properties.iter().map(|p| format!("--property={p}")));
@@ -112,6 +113,16 @@ impl Host for SystemdHost {
         } else {
             Err(Error::new(format!("machine {} is still running after stopping {unit}", machine.name)))
         }
+    }
+}
+
+/// systemd resolves `block-loop` through /proc/devices when the unit starts and drops the rule if
+/// no loop driver is registered yet (Debian 13 does not load it at boot). Opening the control
+/// device makes the kernel load the driver, as `modprobe loop` does in systemd-nspawn@.service.
+/// Without it the job still runs, only without loop devices: a warning, not a failure.
+fn load_loop_driver() {
+    if let Err(e) = std::fs::File::open("/dev/loop-control") {
+        log::warn!("/dev/loop-control: {e}: this privileged job gets no loop devices");
     }
 }
 
