@@ -27,7 +27,7 @@
 #                           (uniformly random, 0.1 s steps; default 2 and 45)
 #   NSPAWN_RUNNER_TESTBED   the test bed dir (default: ../shared/testbed beside the checkout)
 #   NSPAWN_RUNNER_BIN       use this binary instead of building one
-#   VM_SUITE_TIMEOUT        seconds for the guest suite (default 1500)
+#   VM_SUITE_TIMEOUT        seconds for the guest suite (default 1800)
 #   SUITE_*                 every one is passed to guest-suite.sh (SUITE_PATHS, SUITE_MAINT, SUITE_SECURITY...)
 #   TESTBED_*               passed to the test bed (TESTBED_MEM, TESTBED_CPUS...)
 set -u
@@ -146,11 +146,11 @@ for suite in "${suites[@]}"; do
     if [ $rc = 0 ]; then
         say "guest suite ($suite)"
         src=0
-        timeout --kill-after=10 "${VM_SUITE_TIMEOUT:-1500}" "$TESTBED/run-in-vm.sh" env "${suite_env[@]}" \
+        timeout --kill-after=10 "${VM_SUITE_TIMEOUT:-1800}" "$TESTBED/run-in-vm.sh" env "${suite_env[@]}" \
             ./guest-suite.sh ./nspawn-runner || src=$?
         case $src in
             0) say "guest suite passed ($suite)" ;;
-            124|137|143) echo "FAIL: the guest suite timed out after ${VM_SUITE_TIMEOUT:-1500} s ($suite)" ;;
+            124|137|143) echo "FAIL: the guest suite timed out after ${VM_SUITE_TIMEOUT:-1800} s ($suite)" ;;
             125) echo "FAIL: the test bed failed (exit 125, $suite)" ;;
             255) echo "FAIL: ssh to the VM failed (exit 255, $suite)" ;;
             *) say "guest suite failed (exit $src, $suite)" ;;
