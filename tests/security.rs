@@ -58,28 +58,10 @@ fn attacks_from_a_job_are_refused(kind: StoreKind) {
     let decoy_id = decoy.as_ref().map_or(0, |d| d.1);
     let out = job.run("build_script", &job.get_sources_body(&format!("/cache/attack {decoy_id}")));
     out.assert_ok();
-    assert!(out.stdout.contains("done: attack program"), "{}", out.describe());
-    let mut failures = Vec::new();
-    for line in out.stdout.lines() {
-        if let Some(rest) = line.strip_prefix("check ") {
-            if !rest.contains(": ok") {
-                failures.push(line.to_owned());
-            }
-        } else if let Some(rest) = line.strip_prefix("attack ") {
-            if !rest.contains(": refused") {
-                failures.push(line.to_owned());
-            }
-        }
-    }
+    // The program judges itself (tests/attack/attack.c), for this suite and the VM suite alike.
     assert!(
-        failures.is_empty(),
-        "the job got more than the machine's init:\n{}\n{}",
-        failures.join("\n"),
-        out.describe()
-    );
-    assert!(
-        out.stdout.contains("check Seccomp:: ok (\t2)"),
-        "the script must be in seccomp filter mode\n{}",
+        out.stdout.contains("done: attack program, 0 failed"),
+        "the job got more than the machine's init (see the SUCCEEDED and MISMATCH lines):\n{}",
         out.describe()
     );
 

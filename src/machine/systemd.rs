@@ -16,6 +16,12 @@ pub struct SystemdHost;
 /// out: they serve nspawn's --image=, which job machines do not use, and a job must not get them.
 const DEVICE_POLICY: [&str; 3] = ["DevicePolicy=closed", "DeviceAllow=/dev/net/tun rwm", "DeviceAllow=char-pts rw"];
 
+/// What a privileged image's machine gets on top: loop devices, the reason to make an image
+/// privileged, which a plain host (no device filter) does not refuse either. `m` because the
+/// machine's /dev has no loop nodes: the job makes them. block-blkext (in systemd-nspawn@.service
+/// for partitioned loop devices) stays out: its major also numbers the host's NVMe partitions.
+const PRIVILEGED_DEVICES: [&str; 2] = ["DeviceAllow=/dev/loop-control rwm", "DeviceAllow=block-loop rwm"];
+
 /// Runs a systemd tool with a clean environment, returning stdout; a failure carries its stderr.
 fn systemctl_like(program: &str, args: &[String]) -> Result<String> {
     let mut command = Command::new(program);
@@ -69,6 +75,10 @@ impl Host for SystemdHost {
             format!("--property=TimeoutStopSec={}", spec.stop_timeout.as_secs().max(1)),
         ];
         args.extend(DEVICE_POLICY.iter().map(|p| format!("--property={p}")));
+        if spec.uid_base.is_none() {
+            load_loop_driver();
+            args.extend(PRIVILEGED_DEVICES.iter().map(|p| format!("--property={p}")));
+        }
         args.extend(spec.properties.iter().map(|p| format!("--property={p}")));
         // systemd places the unit in its cgroup: the wrapper only mounts the idmapped root.
         let (program, command) = launch_command(spec, true, Vec::new(), false)?;
@@ -126,6 +136,16 @@ fn kill_booting_init(unit: &str) {
     let main_pid = unit_property(unit, "MainPID").ok().and_then(|pid| pid.parse::<i32>().ok()).filter(|pid| *pid > 0);
     if let Some(init) = main_pid.and_then(first_child) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// systemd resolves `block-loop` through /proc/devices when the unit starts and drops the rule if
+/// no loop driver is registered yet (Debian 13 does not load it at boot). Opening the control
+/// device makes the kernel load the driver, as `modprobe loop` does in systemd-nspawn@.service.
+/// Without it the job still runs, only without loop devices: a warning, not a failure.
+fn load_loop_driver() {
+    if let Err(e) = std::fs::File::open("/dev/loop-control") {
+        log::warn!("/dev/loop-control: {e}: this privileged job gets no loop devices");
     }
 }
 

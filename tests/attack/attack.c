@@ -1,7 +1,9 @@
 /* The security suite's attack program (tests/security.rs builds it with gcc and runs it from a
- * job script). Each attack prints one line "attack NAME: refused (...)" or
- * "attack NAME: SUCCEEDED (...)"; each comparison with the machine's init (pid 1 here) prints
- * "check NAME: ok" or "check NAME: MISMATCH (...)". Usage: attack [DECOY_SUBVOLUME_ID]
+ * job script, and so does the VM suite, tests/vm/scenarios/security.sh). Each attack prints one
+ * line "attack NAME: refused (...)" or "attack NAME: SUCCEEDED (...)"; each comparison with the
+ * machine's init (pid 1 here) prints "check NAME: ok" or "check NAME: MISMATCH (...)". The last
+ * line is the verdict both suites judge by: "done: attack program, N failed", N counting every
+ * success and mismatch. Usage: attack [DECOY_SUBVOLUME_ID]
  * Nothing here writes outside the machine: the btrfs destroy is aimed at the decoy id the test
  * created, cgroups are only inspected, a block device is only opened read-only. */
 #define _GNU_SOURCE
@@ -28,8 +30,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+static int failures = 0;
 static void refused(const char *name, int err) { printf("attack %s: refused (%s)\n", name, strerror(err)); }
-static void succeeded(const char *name, const char *how) { printf("attack %s: SUCCEEDED (%s)\n", name, how); }
+static void succeeded(const char *name, const char *how) { printf("attack %s: SUCCEEDED (%s)\n", name, how); failures++; }
 /* A system call that returned r: success is the attack succeeding. */
 static void outcome(const char *name, long r, const char *how) {
     if (r >= 0) succeeded(name, how); else refused(name, errno);
@@ -247,7 +250,7 @@ static void whole_file(const char *file, char *out, size_t size) {
 
 static void check(const char *name, const char *self, const char *init) {
     if (strcmp(self, init) == 0) printf("check %s: ok (%s)\n", name, self);
-    else printf("check %s: MISMATCH (self %s, init %s)\n", name, self, init);
+    else { printf("check %s: MISMATCH (self %s, init %s)\n", name, self, init); failures++; }
 }
 
 /* The script's own cgroup is a leaf beside the init's init.scope, in the hierarchies the
@@ -268,6 +271,11 @@ static void name_leaf(char *text, size_t size, const char *leaf) {
 }
 
 static void compare_with_init(void) {
+    /* Equal to init is not enough if init has no filter: nspawn's must be there (mode 2). */
+    char mode[256];
+    status_field("/proc/self/status", "Seccomp:", mode, sizeof mode);
+    if (strcmp(mode, "\t2") == 0) printf("check seccomp_filter_mode: ok (2)\n");
+    else { printf("check seccomp_filter_mode: MISMATCH (Seccomp:%s, want 2)\n", mode); failures++; }
     const char *keys[] = { "Seccomp:", "Seccomp_filters:", "NoNewPrivs:", "CapInh:", "CapEff:", "CapBnd:", "CapAmb:" };
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
         char self[256], init[256];
@@ -323,6 +331,6 @@ int main(int argc, char **argv) {
     detach_root_attack();
     cgroup_kill_attack();
     ptrace_attack();
-    printf("done: attack program\n");
+    printf("done: attack program, %d failed\n", failures);
     return 0;
 }

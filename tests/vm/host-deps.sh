@@ -1,15 +1,20 @@
 #!/bin/bash
-# host-deps.sh - make sure the host has qemu-system-x86_64 before the test bed's
-# build-vm.sh runs.  The test bed installs "qemu-system-x86=<qemu-utils version>"
-# from a temporary bookworm-backports source, but without "-t bookworm-backports"
-# apt resolves its dependencies (qemu-system-common/-data, seabios) from bookworm
-# and gives up.  This does the same with the target release set.  No permanent
-# change to /etc/apt.
+# host-deps.sh - make sure the host has gcc with static glibc (run.sh builds the attack program of
+# the security scenario) and qemu-system-x86_64 before the test bed's build-vm.sh runs.  The test
+# bed installs "qemu-system-x86=<qemu-utils version>" from a temporary bookworm-backports source,
+# but without "-t bookworm-backports" apt resolves its dependencies (qemu-system-common/-data,
+# seabios) from bookworm and gives up.  This does the same with the target release set.  No
+# permanent change to /etc/apt.
 set -euo pipefail
-command -v qemu-system-x86_64 >/dev/null && exit 0
-[ "$(id -u)" = 0 ] || { echo "host-deps.sh: need root to install qemu-system-x86" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 inst() { apt-get install -y -q --no-install-recommends --no-remove "$@"; }
+if ! command -v gcc >/dev/null || ! dpkg -s libc6-dev >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || { echo "host-deps.sh: need root to install gcc and libc6-dev" >&2; exit 1; }
+    apt-get update -q
+    inst gcc libc6-dev
+fi
+command -v qemu-system-x86_64 >/dev/null && exit 0
+[ "$(id -u)" = 0 ] || { echo "host-deps.sh: need root to install qemu-system-x86" >&2; exit 1; }
 qv="$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null || true)"
 if [[ "$qv" == *bpo12* ]]; then
     bpo="$(mktemp -d)"; trap 'rm -rf "$bpo"' EXIT

@@ -4,7 +4,8 @@
 # release in VM_SUITES, then cuts the VM's power during maintenance and gc (guest-powercut.sh).
 #
 #   1. builds target/release/nspawn-runner (cargo build --release), unless NSPAWN_RUNNER_BIN is set
-#   2. makes sure qemu is installed (host-deps.sh)
+#   2. makes sure qemu, gcc and static glibc are installed (host-deps.sh) and builds the security
+#      scenario's attack program (tests/attack/attack.c, static: any image runs it)
 #   then for each release:
 #   3. builds/reuses its VM images (build-vm.sh) and boots a fresh VM on persistent overlays
 #      (TESTBED_PERSIST=1, so that its disks outlive a power cut), sharing only a staging dir
@@ -26,7 +27,7 @@
 #                           (uniformly random, 0.1 s steps; default 2 and 45)
 #   NSPAWN_RUNNER_TESTBED   the test bed dir (default: ../shared/testbed beside the checkout)
 #   NSPAWN_RUNNER_BIN       use this binary instead of building one
-#   VM_SUITE_TIMEOUT        seconds for the guest suite (default 900)
+#   VM_SUITE_TIMEOUT        seconds for the guest suite (default 1800)
 #   SUITE_*                 every one is passed to guest-suite.sh (SUITE_PATHS, SUITE_MAINT, SUITE_SECURITY...)
 #   TESTBED_*               passed to the test bed (TESTBED_MEM, TESTBED_CPUS...)
 set -u
@@ -61,12 +62,15 @@ else
 fi
 [ -x "$BIN" ] || die "no binary at $BIN"
 
-# 2. qemu
+# 2. qemu, gcc
 "$HERE/host-deps.sh" > /tmp/nspawn-runner-vm-deps.log 2>&1 \
-    || { tail -n 20 /tmp/nspawn-runner-vm-deps.log; die "installing qemu (host-deps.sh)"; }
+    || { tail -n 20 /tmp/nspawn-runner-vm-deps.log; die "installing qemu and gcc (host-deps.sh)"; }
 
-# a staging dir as the share: the VM sees only the binary, the guest scripts and the power-cut logs
+# a staging dir as the share: the VM sees only the binary, the attack program, the guest scripts
+# and the power-cut logs
 STAGE="$(mktemp -d /var/tmp/nspawn-runner-vm.XXXXXX)"
+gcc -O2 -static -o "$STAGE/attack" "$REPO/tests/attack/attack.c" \
+    || { rm -rf "$STAGE"; die "gcc -static tests/attack/attack.c"; }
 install -m 755 "$BIN" "$STAGE/nspawn-runner"
 install -m 755 "$HERE/guest-suite.sh" "$HERE/guest-powercut.sh" "$STAGE/"
 install -m 644 "$REPO/contrib/gitlab-script.sh" "$STAGE/gitlab-script.sh"
@@ -142,11 +146,11 @@ for suite in "${suites[@]}"; do
     if [ $rc = 0 ]; then
         say "guest suite ($suite)"
         src=0
-        timeout --kill-after=10 "${VM_SUITE_TIMEOUT:-900}" "$TESTBED/run-in-vm.sh" env "${suite_env[@]}" \
+        timeout --kill-after=10 "${VM_SUITE_TIMEOUT:-1800}" "$TESTBED/run-in-vm.sh" env "${suite_env[@]}" \
             ./guest-suite.sh ./nspawn-runner || src=$?
         case $src in
             0) say "guest suite passed ($suite)" ;;
-            124|137|143) echo "FAIL: the guest suite timed out after ${VM_SUITE_TIMEOUT:-900} s ($suite)" ;;
+            124|137|143) echo "FAIL: the guest suite timed out after ${VM_SUITE_TIMEOUT:-1800} s ($suite)" ;;
             125) echo "FAIL: the test bed failed (exit 125, $suite)" ;;
             255) echo "FAIL: ssh to the VM failed (exit 255, $suite)" ;;
             *) say "guest suite failed (exit $src, $suite)" ;;
