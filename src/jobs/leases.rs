@@ -89,11 +89,9 @@ pub fn reap_crashed(store: &Store, states: &StateDir) -> Result<Vec<String>> {
             },
             None => None,
         };
-        let dir = store.job_dir(&machine);
-        let user = busy::user_of(&dir, &users);
-        match &user {
-            Some(user) => log::warn!("gc: not deleting {}: {user}", dir.display()),
-            None => store.backend().delete(&dir)?,
+        let user = store.delete_unclaimed_job_dir(&machine, &users)?;
+        if let Some(user) = &user {
+            log::warn!("gc: not deleting {}: {user}", store.job_dir(&machine).display());
         }
         if let Some(job) = &job {
             states.remove_lock(job)?;

@@ -104,6 +104,22 @@ impl Store {
         job_dir_in(&self.root, machine)
     }
 
+    /// Deletes the job directory of `machine`, which no job's record claims, unless something
+    /// still uses it (see `busy`): then it says what, and nothing is deleted.
+    pub fn delete_unclaimed_job_dir(&self, machine: &str, users: &busy::Users) -> Result<Option<String>> {
+        match busy::user_of(&self.job_dir(machine), users) {
+            Some(user) => Ok(Some(user)),
+            None => self.delete_job_dir(machine).map(|()| None),
+        }
+    }
+
+    /// Deletes the job directory of `machine` (fine if it is gone), only below a `.jobs` that is
+    /// the store's own directory.
+    fn delete_job_dir(&self, machine: &str) -> Result<()> {
+        self.check_jobs_dir()?;
+        self.backend.delete(&self.job_dir(machine))
+    }
+
     /// Creates the job's private directory, empty (an earlier attempt's is thrown away), with
     /// an overlay upper dir whose owner and mode are those of `tree`'s root: overlayfs shows
     /// the upper dir's attributes as the machine's `/`, and a 0700 root locks out every
@@ -409,8 +425,7 @@ impl JobLeftovers<'_> {
             self.store.backend.delete(&copy)?;
             remove_if_present(&busy::nspawn_lock_path(&copy))?;
         }
-        self.store.check_jobs_dir()?;
-        self.store.backend.delete(&self.store.job_dir(&self.job.machine_name()))
+        self.store.delete_job_dir(&self.job.machine_name())
     }
 
     /// The copies of the job's snapshot in its image's directory that nothing uses.
