@@ -34,66 +34,53 @@ struct Results {
 }
 
 fn main() {
-    require_root("job_overhead");
-    let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     let started = Instant::now();
-    let work = work_dir("job_overhead");
-    let work_for_teardown = work.clone();
-    let running = Started::default();
-    let running_for_teardown = running.clone();
-
-    run_with_teardown(
-        std::panic::AssertUnwindSafe(move || {
-            print_context();
-            let tar = bookworm_tar();
-            let env = Env::new(&work, &running);
-            let scripts: Vec<(PathBuf, &str)> =
-                STAGES.iter().map(|&stage| (env.script(stage, "true"), stage)).collect();
-            let (stores, setup_time) =
-                timed(|| vec![setup_store(&env, &work, true, &tar), setup_store(&env, &work, false, &tar)]);
-            println!(
-                "setup: imported {} into a btrfs and a plain store in {} ({} jobs per store, {} stages each)",
-                tar.display(),
-                fmt(setup_time),
-                jobs,
-                STAGES.len()
-            );
-            let mut results: Vec<Results> = stores.iter().map(|_| Results::default()).collect();
-            // One warm-up job of each kind per store (page cache, first-boot effects), not counted.
+    bench_main("job_overhead", 5, |bench| {
+        let Bench { work, tar, env, running, rounds: jobs } = bench;
+        let scripts: Vec<(PathBuf, &str)> = STAGES.iter().map(|&stage| (env.script(stage, "true"), stage)).collect();
+        let (stores, setup_time) =
+            timed(|| vec![setup_store(&env, work, true, &tar), setup_store(&env, work, false, &tar)]);
+        println!(
+            "setup: imported {} into a btrfs and a plain store in {} ({} jobs per store, {} stages each)",
+            tar.display(),
+            fmt(setup_time),
+            jobs,
+            STAGES.len()
+        );
+        let mut results: Vec<Results> = stores.iter().map(|_| Results::default()).collect();
+        // One warm-up job of each kind per store (page cache, first-boot effects), not counted.
+        for (s, store) in stores.iter().enumerate() {
+            let id = format!("bench{}-{}-warm", std::process::id(), store.kind);
+            our_job(&env, store, &id, &scripts, running);
+            let floor_name = format!("floor{}-{}-warm", std::process::id(), s);
+            floor_job(&env, store, &floor_name, &scripts, Syncs::Suppressed, running);
+        }
+        for i in 0..jobs {
             for (s, store) in stores.iter().enumerate() {
-                let id = format!("bench{}-{}-warm", std::process::id(), store.kind);
-                our_job(&env, store, &id, &scripts, &running);
-                let floor_name = format!("floor{}-{}-warm", std::process::id(), s);
-                floor_job(&env, store, &floor_name, &scripts, Syncs::Suppressed, &running);
-            }
-            for i in 0..jobs {
-                for (s, store) in stores.iter().enumerate() {
-                    let id = format!("bench{}-{}-{i}", std::process::id(), store.kind);
-                    let floor_name = format!("floor{}-{}-{i}", std::process::id(), s);
-                    let ours = || our_job(&env, store, &id, &scripts, &running);
-                    let floor = || floor_job(&env, store, &floor_name, &scripts, Syncs::Suppressed, &running);
-                    // Alternate the order so slow drift in the host's load hits both sides alike.
-                    if i % 2 == 0 {
-                        results[s].ours.push(ours());
-                        results[s].floor.push(floor());
-                    } else {
-                        results[s].floor.push(floor());
-                        results[s].ours.push(ours());
-                    }
+                let id = format!("bench{}-{}-{i}", std::process::id(), store.kind);
+                let floor_name = format!("floor{}-{}-{i}", std::process::id(), s);
+                let ours = || our_job(&env, store, &id, &scripts, running);
+                let floor = || floor_job(&env, store, &floor_name, &scripts, Syncs::Suppressed, running);
+                // Alternate the order so slow drift in the host's load hits both sides alike.
+                if i % 2 == 0 {
+                    results[s].ours.push(ours());
+                    results[s].floor.push(floor());
+                } else {
+                    results[s].floor.push(floor());
+                    results[s].ours.push(ours());
                 }
             }
-            for (store, r) in stores.iter().zip(&results) {
-                report(store, r);
-            }
-            println!(
-                "\njob_overhead: {} jobs x {} stores, bench took {} in all",
-                jobs,
-                stores.len(),
-                fmt(started.elapsed())
-            );
-        }),
-        move || teardown(&work_for_teardown, &running_for_teardown),
-    );
+        }
+        for (store, r) in stores.iter().zip(&results) {
+            report(store, r);
+        }
+        println!(
+            "\njob_overhead: {} jobs x {} stores, bench took {} in all",
+            jobs,
+            stores.len(),
+            fmt(started.elapsed())
+        );
+    });
 }
 
 fn report(store: &Store, r: &Results) {

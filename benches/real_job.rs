@@ -116,83 +116,67 @@ printf '%s\n' 'CFLAGS = -O2 -Wall -Wextra -Werror' \
 "#;
 
 fn main() {
-    require_root("real_job");
-    let rounds: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let started = Instant::now();
-    let work = work_dir("real_job");
-    let work_for_teardown = work.clone();
-    let running = Started::default();
-    let running_for_teardown = running.clone();
-
-    run_with_teardown(
-        std::panic::AssertUnwindSafe(move || {
-            print_context();
-            let tar = bookworm_tar();
-            let env = Env::new(&work, &running);
-            let (packages, download_time) = timed(|| package_cache(&tar, &work));
-            println!("setup: package cache {} ready in {}", packages.display(), fmt(download_time));
-            let in_cache = env.project_cache().join("packages");
-            sh(&["cp", "-a", "--reflink=auto", packages.to_str().unwrap(), in_cache.to_str().unwrap()]);
-            let install = format!(
-                "export DEBIAN_FRONTEND=noninteractive\n\
-                 apt-get -q -o Dir::State::Lists={CACHE_IN_JOB}/lists -o Dir::Cache::Archives={CACHE_IN_JOB}/archives \
-                 install -y --no-install-recommends --no-download {}\n\
-                 cd /builds/bench\nmake\nmake test\n",
-                PACKAGES.join(" ")
-            );
-            let scripts: Vec<(PathBuf, &str)> = STAGES
-                .iter()
-                .map(|&stage| {
-                    let body = match stage {
-                        "get_sources" => SOURCES,
-                        "step_script" => &install,
-                        _ => "true",
-                    };
-                    (env.script(stage, body), stage)
-                })
-                .collect();
-            let (stores, setup_time) =
-                timed(|| vec![setup_store(&env, &work, true, &tar), setup_store(&env, &work, false, &tar)]);
-            println!(
-                "setup: imported {} into a btrfs and a plain store in {} ({rounds} rounds of 3 jobs per store)",
-                tar.display(),
-                fmt(setup_time)
-            );
-            let pid = std::process::id();
-            let mut results: Vec<[Vec<Job>; 3]> = stores.iter().map(|_| Default::default()).collect();
+    bench_main("real_job", 3, |bench| {
+        let Bench { work, tar, env, running, rounds } = bench;
+        let (packages, download_time) = timed(|| package_cache(&tar, work));
+        println!("setup: package cache {} ready in {}", packages.display(), fmt(download_time));
+        let in_cache = env.project_cache().join("packages");
+        sh(&["cp", "-a", "--reflink=auto", packages.to_str().unwrap(), in_cache.to_str().unwrap()]);
+        let install = format!(
+            "export DEBIAN_FRONTEND=noninteractive\n\
+             apt-get -q -o Dir::State::Lists={CACHE_IN_JOB}/lists -o Dir::Cache::Archives={CACHE_IN_JOB}/archives \
+             install -y --no-install-recommends --no-download {}\n\
+             cd /builds/bench\nmake\nmake test\n",
+            PACKAGES.join(" ")
+        );
+        let scripts: Vec<(PathBuf, &str)> = STAGES
+            .iter()
+            .map(|&stage| {
+                let body = match stage {
+                    "get_sources" => SOURCES,
+                    "step_script" => &install,
+                    _ => "true",
+                };
+                (env.script(stage, body), stage)
+            })
+            .collect();
+        let (stores, setup_time) =
+            timed(|| vec![setup_store(&env, work, true, &tar), setup_store(&env, work, false, &tar)]);
+        println!(
+            "setup: imported {} into a btrfs and a plain store in {} ({rounds} rounds of 3 jobs per store)",
+            tar.display(),
+            fmt(setup_time)
+        );
+        let pid = std::process::id();
+        let mut results: Vec<[Vec<Job>; 3]> = stores.iter().map(|_| Default::default()).collect();
+        for (s, store) in stores.iter().enumerate() {
+            // Warm-up (page cache, first-boot effects), not counted.
+            our_job(&env, store, &format!("real{pid}-{}-warm", store.kind), &scripts, running);
+            floor_job(&env, store, &format!("floor{pid}-{s}-warm"), &scripts, Syncs::Suppressed, running);
+        }
+        for i in 0..rounds {
             for (s, store) in stores.iter().enumerate() {
-                // Warm-up (page cache, first-boot effects), not counted.
-                our_job(&env, store, &format!("real{pid}-{}-warm", store.kind), &scripts, &running);
-                floor_job(&env, store, &format!("floor{pid}-{s}-warm"), &scripts, Syncs::Suppressed, &running);
-            }
-            for i in 0..rounds {
-                for (s, store) in stores.iter().enumerate() {
-                    // Rotate the order so slow drift in the host's load hits all three alike.
-                    for k in 0..3 {
-                        let variant = (i + k) % 3;
-                        let job = match variant {
-                            0 => our_job(&env, store, &format!("real{pid}-{}-{i}", store.kind), &scripts, &running),
-                            _ => {
-                                let (prefix, syncs) =
-                                    if variant == 1 { ("floor", Syncs::Suppressed) } else { ("nosync", Syncs::Kept) };
-                                floor_job(&env, store, &format!("{prefix}{pid}-{s}-{i}"), &scripts, syncs, &running)
-                            }
-                        };
-                        results[s][variant].push(job);
-                    }
+                // Rotate the order so slow drift in the host's load hits all three alike.
+                for k in 0..3 {
+                    let variant = (i + k) % 3;
+                    let job = match variant {
+                        0 => our_job(&env, store, &format!("real{pid}-{}-{i}", store.kind), &scripts, running),
+                        _ => {
+                            let (prefix, syncs) =
+                                if variant == 1 { ("floor", Syncs::Suppressed) } else { ("nosync", Syncs::Kept) };
+                            floor_job(&env, store, &format!("{prefix}{pid}-{s}-{i}"), &scripts, syncs, running)
+                        }
+                    };
+                    results[s][variant].push(job);
                 }
             }
-            for (store, [ours, floor, kept]) in stores.iter().zip(&results) {
-                report(store, ours, floor, kept);
-            }
-            println!(
-                "\nreal_job: {rounds} rounds x {} stores, bench took {} in all",
-                stores.len(),
-                fmt(started.elapsed())
-            );
-        }),
-        move || teardown(&work_for_teardown, &running_for_teardown),
-    );
+        }
+        for (store, [ours, floor, kept]) in stores.iter().zip(&results) {
+            report(store, ours, floor, kept);
+        }
+        println!("\nreal_job: {rounds} rounds x {} stores, bench took {} in all", stores.len(), fmt(started.elapsed()));
+    });
 }
 
 /// target/bench/real_job-packages/{lists,archives}: what `apt-get install PACKAGES` needs on the

@@ -334,6 +334,36 @@ fn wait_ready(socket: &UnixDatagram, child: &mut Child, name: &str, work: &Path)
     }
 }
 
+/// What a job bench's body gets: its work dir, the image tarball, the environment of its jobs,
+/// the machines it starts (for the teardown) and how many rounds to run.
+pub struct Bench<'a> {
+    pub work: &'a Path,
+    pub tar: PathBuf,
+    pub env: Env,
+    pub running: &'a Started,
+    pub rounds: usize,
+}
+
+/// A job bench's main: as root, `BENCH_JOBS` rounds (default `default_rounds`), the host's
+/// context and an environment in a work dir of its own, torn down (machines and all) however
+/// `body` ends.
+pub fn bench_main(name: &str, default_rounds: usize, body: impl FnOnce(Bench)) {
+    require_root(name);
+    let rounds = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_rounds).max(1);
+    let work = work_dir(name);
+    let running = Started::default();
+    let (work_for_teardown, running_for_teardown) = (work.clone(), running.clone());
+    run_with_teardown(
+        std::panic::AssertUnwindSafe(move || {
+            print_context();
+            let tar = bookworm_tar();
+            let env = Env::new(&work, &running);
+            body(Bench { work: &work, tar, env, running: &running, rounds })
+        }),
+        move || teardown(&work_for_teardown, &running_for_teardown),
+    );
+}
+
 /// Stops whatever a panic left running, cleans up every job of ours that was started (cleanup
 /// is idempotent), then unmounts and removes the work dir.
 pub fn teardown(work: &Path, started: &Started) {
