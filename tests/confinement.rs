@@ -31,7 +31,8 @@ fn leader_pid(state: &serde_json::Value) -> i32 {
 }
 
 /// `0 <base> 65536` from inside, a shifted range from the host, `/` owned by 0 inside, root
-/// and an unprivileged user can both build, and apt installs a package. The snapshot keeps its real ownership.
+/// and an unprivileged user can both build, apt installs a package, and git commits and clones as
+/// root and as a user. The snapshot keeps its real ownership.
 fn job_root_is_an_unprivileged_range_of_the_host(kind: StoreKind) {
     let Some(env) = TestEnv::new(kind, "userns") else { return };
     let job = env.job();
@@ -57,7 +58,10 @@ fn job_root_is_an_unprivileged_range_of_the_host(kind: StoreKind) {
              printf 'Package: nr-demo\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: t <t@example.org>\\nDescription: d\\n' > /tmp/pkg/DEBIAN/control\n\
              dpkg-deb --build --root-owner-group /tmp/pkg /tmp/nr-demo.deb >/dev/null\n\
              apt-get install -y -q /tmp/nr-demo.deb >/tmp/apt.log 2>&1 || cat /tmp/apt.log\n\
-             dpkg -s nr-demo | grep -qx 'Status: install ok installed' && echo apt-install-ok",
+             dpkg -s nr-demo | grep -qx 'Status: install ok installed' && echo apt-install-ok\n\
+             (git init -q /tmp/repo && cd /tmp/repo && git -c user.name=t -c user.email=t@example.org commit -q --allow-empty -m one)\n\
+             git clone -q /tmp/repo /tmp/clone && git -C /tmp/clone log --oneline | grep -q one && echo git-root-ok\n\
+             runuser -u builder -- sh -c 'cd && git init -q r && git -C r -c user.name=b -c user.email=b@example.org commit -q --allow-empty -m two && git clone -q r c && git -C c log --oneline | grep -q two && echo git-user-ok'",
         ),
     );
     out.assert_ok();
@@ -71,6 +75,8 @@ fn job_root_is_an_unprivileged_range_of_the_host(kind: StoreKind) {
     assert!(out.stdout.contains("user-cannot-write-usr"), "{}", out.describe());
     // dpkg's chowns and apt's _apt sandbox work within the range.
     assert!(out.stdout.contains("apt-install-ok"), "apt-get install failed in the job\n{}", out.describe());
+    assert!(out.stdout.contains("git-root-ok"), "git clone as root failed in the job\n{}", out.describe());
+    assert!(out.stdout.contains("git-user-ok"), "git clone as a user failed in the job\n{}", out.describe());
 
     // The job's writes are the range's on the host, never host root's (plain: the overlay's upper dir).
     if kind == StoreKind::Plain {
