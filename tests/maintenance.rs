@@ -393,8 +393,16 @@ fn crash_safety_kill9(kind: StoreKind) {
         if out.code == Some(0) {
             assert_ne!(cur, before, "iteration {i}: maintain succeeded but current did not move");
         }
-        // gc cleans up whatever the killed transaction left (a killed health check's record too)
-        env.admin(&["image", "gc", IMAGE]).assert_ok();
+        // gc cleans up whatever the killed transaction left (a killed health check's record too).
+        // gc leaves a check machine alone while anything of it still lives (its nspawn removes its
+        // copy and unmounts after the machine's processes are gone): a later gc reaps it.
+        let check_left = || {
+            env.admin(&["image", "gc", IMAGE]).assert_ok();
+            let records = fs::read_dir(&env.state_dir).map(|d| d.flatten().count()).unwrap_or(0);
+            let job_dirs = fs::read_dir(env.root.join(".jobs")).map(|d| d.flatten().count()).unwrap_or(0);
+            records + job_dirs > 0
+        };
+        assert!(wait_until(Duration::from_secs(30), || !check_left()), "iteration {i}: gc never reaped the check");
         assert_no_orphans(&env, 1, &[], false);
         // it boots and the machine sees the same tree
         let seen = boot_and_read_marker(&env);
