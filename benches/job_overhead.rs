@@ -15,18 +15,6 @@ use common::*;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// gitlab-runner's stages of a job with a build script and after_script (8 `run` calls).
-const STAGES: [&str; 8] = [
-    "prepare_script",
-    "get_sources",
-    "restore_cache",
-    "download_artifacts",
-    "step_script",
-    "after_script",
-    "archive_cache",
-    "cleanup_file_variables",
-];
-
 #[derive(Default)]
 struct Results {
     ours: Vec<Job>,

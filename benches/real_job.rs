@@ -30,17 +30,6 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 const PACKAGES: [&str; 3] = ["gcc", "make", "libc6-dev"];
 /// The package cache inside the jobs' machines (in the project's /cache).
 const CACHE_IN_JOB: &str = "/cache/packages";
-/// gitlab-runner's stages, as in job_overhead; get_sources and step_script do the work.
-const STAGES: [&str; 8] = [
-    "prepare_script",
-    "get_sources",
-    "restore_cache",
-    "download_artifacts",
-    "step_script",
-    "after_script",
-    "archive_cache",
-    "cleanup_file_variables",
-];
 const STEP_SCRIPT: usize = 4;
 
 /// get_sources: the program, as a clone would leave it.

@@ -33,6 +33,19 @@ pub struct Store {
     btrfs: bool,
 }
 
+/// gitlab-runner's stages of a job with a build script and after_script (8 `run` calls); the
+/// benches' jobs run these.
+pub const STAGES: [&str; 8] = [
+    "prepare_script",
+    "get_sources",
+    "restore_cache",
+    "download_artifacts",
+    "step_script",
+    "after_script",
+    "archive_cache",
+    "cleanup_file_variables",
+];
+
 /// The stage symlinks and the runner's directories, shared by every job of a bench run.
 #[derive(Clone)]
 pub struct Env {
