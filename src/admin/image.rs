@@ -139,22 +139,11 @@ fn snapshot_role(
 /// text or (`json`) as a JSON array.
 fn list(settings: &Settings, only: Option<&str>, json: bool) -> Result<()> {
     let store = Store::open(settings)?;
-    let names = match only {
-        Some(name) => vec![ImageName::parse(name)?],
-        None => store.images()?,
-    };
     let states = StateDir::new(settings).all()?;
     let now = SnapshotName::now().time();
     let mut images = Vec::new();
-    for name in names {
-        let image = match store.image(&name) {
-            Ok(image) => image,
-            Err(e) if only.is_none() => {
-                log::warn!("skipping {e}");
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+    for image in images_to_visit(&store, only)? {
+        let name = image.name().clone();
         if only.is_none() && image.unfinished() {
             println!("{name}: no current: its creation was cut short (`image gc` deletes what it left)");
             continue;
@@ -291,20 +280,7 @@ fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
     for machine in leases::reap_crashed(&store, &states)? {
         println!("reaped leftovers of {machine}");
     }
-    let names = match only {
-        Some(name) => vec![ImageName::parse(name)?],
-        None => store.images()?,
-    };
-    for name in names {
-        let image = match store.image(&name) {
-            Ok(image) => image,
-            // Nothing through it is collected; the other images are.
-            Err(e) if only.is_none() => {
-                log::warn!("gc: skipping {e}");
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+    for image in images_to_visit(&store, only)? {
         // A creation cut short left only leftovers (a `.tx-*` tree): gc deletes them too.
         if !image.unfinished() {
             image.must_exist()?;
@@ -312,6 +288,17 @@ fn gc_command(settings: &Settings, only: Option<&str>) -> Result<()> {
         collect(settings, &image)?;
     }
     Ok(())
+}
+
+/// The image named `only`, or every image of the store; when listing them all, one that cannot
+/// be opened (a symlink out of the store) is skipped with a warning, so nothing is read or
+/// deleted through it and the others are still visited.
+fn images_to_visit<'s>(store: &'s Store, only: Option<&str>) -> Result<Vec<Image<'s>>> {
+    let Some(name) = only else {
+        let images = store.images()?.into_iter().map(|name| store.image(&name));
+        return Ok(images.filter_map(|image| image.map_err(|e| log::warn!("skipping {e}")).ok()).collect());
+    };
+    Ok(vec![store.image(&ImageName::parse(name)?)?])
 }
 
 fn remove(settings: &Settings, name: &ImageName, force: bool) -> Result<()> {
