@@ -9,7 +9,7 @@ use crate::machine::{self, Host, MachineSpec, Running, ScriptOutcome};
 use crate::names::{ImageName, JobId, SnapshotName};
 use crate::settings::{ImageSettings, Settings};
 use crate::stages::cleanup::clean_job;
-use crate::stages::prepare::{free_uid_base, job_binds, start_recorded, JobPlan};
+use crate::stages::prepare::{job_binds, pick_uid_range, start_recorded, JobPlan};
 use crate::store::backend::JobRoot;
 use crate::store::remove_if_present;
 use crate::store::transaction::Transaction;
@@ -102,11 +102,7 @@ impl<'a> CheckMachine<'a> {
         );
         state.phase = Phase::Booting;
         {
-            // Under this lock no prepare picks a range before this one is recorded.
-            let _ranges = (!privileged).then(|| ctx.states.lock_all()).transpose()?;
-            if !privileged {
-                state.machine.uid_base = Some(free_uid_base(ctx)?);
-            }
+            let _ranges = pick_uid_range(ctx, &mut state, privileged)?;
             ctx.states.save(&state)?;
         }
         Ok(CheckMachine { ctx, host, tx, state, stopped: false })

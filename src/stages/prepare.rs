@@ -180,11 +180,7 @@ impl<'a> Attempt<'a> {
         let _pins = image.lock_pins(Mode::Shared).map_err(forget_job)?;
         let snapshot = image.current().map_err(forget_job)?;
         let mut state = JobState::pinned(ctx.job.clone(), store.root().to_path_buf(), image.name().clone(), snapshot);
-        // Under this lock no other prepare picks a range before this one is recorded.
-        let _ranges = (!privileged).then(|| ctx.states.lock_all()).transpose().map_err(forget_job)?;
-        if !privileged {
-            state.machine.uid_base = Some(free_uid_base(ctx).map_err(forget_job)?);
-        }
+        let _ranges = pick_uid_range(ctx, &mut state, privileged).map_err(forget_job)?;
         let attempt = Attempt { ctx, store, host, state, kept: false };
         ctx.states.save(&attempt.state)?;
         Ok(attempt)
@@ -268,8 +264,23 @@ pub(crate) fn start_recorded(
     host.capture_seccomp(running, &ctx.states.seccomp_path(&ctx.job))
 }
 
+/// Gives `state` a uid range no job on record holds, unless `privileged`; the returned lock,
+/// held until the record is saved, keeps any other job from picking the same range meanwhile.
+pub(crate) fn pick_uid_range(
+    ctx: &JobContext,
+    state: &mut JobState,
+    privileged: bool,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    if privileged {
+        return Ok(None);
+    }
+    let ranges = ctx.states.lock_all()?;
+    state.machine.uid_base = Some(free_uid_base(ctx)?);
+    Ok(Some(ranges))
+}
+
 /// The lowest uid range no job on record holds (crashed jobs keep theirs until gc reaps them).
-pub(crate) fn free_uid_base(ctx: &JobContext) -> Result<u32> {
+fn free_uid_base(ctx: &JobContext) -> Result<u32> {
     let used: HashSet<u32> = ctx.states.all()?.iter().filter_map(|(state, _)| state.machine.uid_base).collect();
     idmap::pick_base(&used)
 }
