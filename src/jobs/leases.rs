@@ -60,13 +60,12 @@ pub fn reap_crashed(store: &Store, states: &StateDir) -> Result<Vec<String>> {
         let Ok(Some(_lock)) = states.try_lock_job(&state.job_id) else { continue };
         let copy = state.machine.running.as_ref().and_then(|r| r.ephemeral.as_deref());
         let leftovers = store.job_leftovers(&state.image, &state.snapshot, &state.job_id);
-        if let Some(user) = leftovers.user(copy) {
+        if let Some(user) = leftovers.delete_unless_used(copy)? {
             // Its record says dead, the kernel says otherwise: leave it to the job's cleanup.
             log::warn!("gc: not reaping job {}: {user}", state.job_id);
             claimed.insert(state.job_id.machine_name());
             continue;
         }
-        leftovers.delete(copy)?;
         let running = state.machine.running.as_ref().map(|r| r.cgroups.as_slice());
         let booting = state.machine.booting.as_ref().map(|b| b.cgroups.as_slice());
         crate::machine::cgroup::remove(running.or(booting).unwrap_or_default())?;

@@ -380,12 +380,8 @@ pub struct JobLeftovers<'s> {
 }
 
 impl JobLeftovers<'_> {
-    /// What still uses nspawn's copy `ephemeral` or the job's directory, if anything, as the
-    /// kernel tells (see `busy`): a live machine whatever its record says.
-    pub fn user(&self, ephemeral: Option<&Path>) -> Option<String> {
-        self.user_in(ephemeral, &busy::Users::scan())
-    }
-
+    /// What uses nspawn's copy `ephemeral` or the job's directory, if anything, among `users`
+    /// (see `busy`): a live machine whatever its record says.
     fn user_in(&self, ephemeral: Option<&Path>, users: &busy::Users) -> Option<String> {
         let job_dir = self.store.job_dir(&self.job.machine_name());
         let user = ephemeral
@@ -402,6 +398,17 @@ impl JobLeftovers<'_> {
     /// A copy that is not one of this job's snapshot in its image's directory is refused, and
     /// so is anything still in use; then nothing is deleted.
     pub fn delete(&self, ephemeral: Option<&Path>) -> Result<()> {
+        match self.delete_unless_used(ephemeral)? {
+            Some(user) => {
+                Err(Error::new(format!("refusing to delete what job {} left, still in use: {user}", self.job)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// `delete`, except that what is still in use is not an error: then nothing is deleted and
+    /// what uses it is returned, as the kernel tells right before the deletion.
+    pub fn delete_unless_used(&self, ephemeral: Option<&Path>) -> Result<Option<String>> {
         if let Some(copy) = ephemeral {
             if !is_copy_of(copy, &self.store.root, &self.image, &self.snapshot) {
                 return Err(Error::new(format!(
@@ -415,7 +422,7 @@ impl JobLeftovers<'_> {
         self.store.image(&self.image)?;
         let users = busy::Users::scan();
         if let Some(user) = self.user_in(ephemeral, &users) {
-            return Err(Error::new(format!("refusing to delete what job {} left, still in use: {user}", self.job)));
+            return Ok(Some(user));
         }
         let copies = match ephemeral {
             Some(copy) => vec![copy.to_path_buf()],
@@ -425,7 +432,7 @@ impl JobLeftovers<'_> {
             self.store.backend.delete(&copy)?;
             remove_if_present(&busy::nspawn_lock_path(&copy))?;
         }
-        self.store.delete_job_dir(&self.job.machine_name())
+        self.store.delete_job_dir(&self.job.machine_name()).map(|()| None)
     }
 
     /// The copies of the job's snapshot in its image's directory that nothing uses.
